@@ -1,0 +1,235 @@
+"""WindowLayout: the geometry of every scale of a multi-scale windowed cross-attention.
+
+A layout is a patch grid (GH, GW) in raster order and, per scale s, a window shape (wh_s, ww_s) that
+tiles the grid without overlap, plus the scale's total number of learnable queries n_s, split evenly
+over its windows. Queries are ordered scale 0 first; inside a scale, windows in raster order over the
+window grid; each window's queries contiguous.
+
+Pure geometry (plain Python) plus the integer index tables a kernel needs, built once per device.
+"""
+
+from __future__ import annotations
+
+import functools
+import numbers
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+__all__ = ["WindowLayout", "LayoutTables"]
+
+
+def _positive_int(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{what} must be a positive integer, got {value!r} ({type(value).__name__})")
+    if value <= 0:
+        raise ValueError(f"{what} must be a positive integer, got {value}")
+    return int(value)
+
+
+def _pair(value, what: str) -> tuple[int, int]:
+    """An int (square) or a sequence of two ints -> (h, w)."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2:
+            raise ValueError(f"{what} must be an int or a pair (h, w), got {value!r}")
+        return _positive_int(value[0], f"{what}[0]"), _positive_int(value[1], f"{what}[1]")
+    return (_positive_int(value, what),) * 2
+
+
+@dataclass(frozen=True)
+class LayoutTables:
+    """Integer index tables of a layout, on one device (all int32 unless said otherwise).
+
+    Windows are numbered globally: scale 0's windows first, each scale in raster order.
+
+    query_scale:    (Q,)  scale of each query
+    query_window:   (Q,)  global window id of each query
+    window_scale:   (W,)  scale of each window
+    window_row0:    (W,)  first patch row of each window
+    window_col0:    (W,)  first patch column of each window
+    window_height:  (W,)  patch rows of each window
+    window_width:   (W,)  patch columns of each window
+    window_q_start: (W,)  index of each window's first query
+    window_q_count: (W,)  queries of each window
+    """
+
+    query_scale: torch.Tensor
+    query_window: torch.Tensor
+    window_scale: torch.Tensor
+    window_row0: torch.Tensor
+    window_col0: torch.Tensor
+    window_height: torch.Tensor
+    window_width: torch.Tensor
+    window_q_start: torch.Tensor
+    window_q_count: torch.Tensor
+
+
+class WindowLayout:
+    """Geometry of all scales.
+
+    Args:
+        grid: patch grid, an int (square) or (GH, GW).
+        windows: per scale, the window side: an int (square) or (wh, ww); each side divides the grid's.
+        queries: per scale, the total number of queries; divisible by the scale's number of windows.
+
+    Example: ``WindowLayout(16, [16, 4], [16, 64])`` is one 16x16 window with 16 queries plus sixteen
+    4x4 windows with 4 queries each: 80 queries.
+    """
+
+    def __init__(self, grid, windows: Sequence, queries: Sequence[int]):
+        self.grid = _pair(grid, "grid")
+        if not isinstance(windows, (list, tuple)) or not isinstance(queries, (list, tuple)):
+            raise TypeError(
+                f"windows and queries must be lists (one entry per scale), got "
+                f"windows={windows!r} and queries={queries!r}"
+            )
+        if len(windows) == 0:
+            raise ValueError("windows must name at least one scale, got []")
+        if len(windows) != len(queries):
+            raise ValueError(
+                f"windows and queries must have one entry per scale, got {len(windows)} windows "
+                f"{list(windows)!r} and {len(queries)} queries {list(queries)!r}"
+            )
+        gh, gw = self.grid
+        self.windows: tuple[tuple[int, int], ...] = tuple(
+            _pair(w, f"windows[{s}]") for s, w in enumerate(windows)
+        )
+        self.queries: tuple[int, ...] = tuple(
+            _positive_int(n, f"queries[{s}]") for s, n in enumerate(queries)
+        )
+        for s, (wh, ww) in enumerate(self.windows):
+            if gh % wh or gw % ww:
+                raise ValueError(
+                    f"windows[{s}] = ({wh}, {ww}) does not tile the grid ({gh}, {gw}): each window "
+                    f"side must divide the grid side"
+                )
+        for s, n in enumerate(self.queries):
+            nw = self.windows_per_scale[s]
+            if n % nw:
+                raise ValueError(
+                    f"queries[{s}] = {n} is not divisible by the scale's {nw} windows "
+                    f"(window {self.windows[s]} on grid {self.grid})"
+                )
+        self._tables: dict[torch.device, LayoutTables] = {}
+
+    # ---- arithmetic -------------------------------------------------------------------------
+    @property
+    def num_scales(self) -> int:
+        return len(self.windows)
+
+    @property
+    def num_patches(self) -> int:
+        """N = GH * GW."""
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def window_grids(self) -> tuple[tuple[int, int], ...]:
+        """Per scale, the number of window rows and columns."""
+        return tuple((self.grid[0] // wh, self.grid[1] // ww) for wh, ww in self.windows)
+
+    @property
+    def windows_per_scale(self) -> tuple[int, ...]:
+        return tuple(r * c for r, c in self.window_grids)
+
+    @property
+    def patches_per_window(self) -> tuple[int, ...]:
+        return tuple(wh * ww for wh, ww in self.windows)
+
+    @property
+    def queries_per_window(self) -> tuple[int, ...]:
+        return tuple(n // nw for n, nw in zip(self.queries, self.windows_per_scale))
+
+    @property
+    def total_queries(self) -> int:
+        return sum(self.queries)
+
+    @property
+    def total_windows(self) -> int:
+        return sum(self.windows_per_scale)
+
+    @property
+    def query_offsets(self) -> tuple[int, ...]:
+        """Per scale, the index of its first query; one more entry, total_queries, at the end."""
+        offsets = [0]
+        for n in self.queries:
+            offsets.append(offsets[-1] + n)
+        return tuple(offsets)
+
+    @property
+    def window_offsets(self) -> tuple[int, ...]:
+        """Per scale, the global id of its first window; one more entry, total_windows, at the end."""
+        offsets = [0]
+        for nw in self.windows_per_scale:
+            offsets.append(offsets[-1] + nw)
+        return tuple(offsets)
+
+    def window_patches(self, scale: int, window: int) -> tuple[range, range]:
+        """Patch rows and columns of window ``window`` (raster index inside the scale) of ``scale``."""
+        wh, ww = self.windows[scale]
+        r, c = divmod(window, self.window_grids[scale][1])
+        return range(r * wh, (r + 1) * wh), range(c * ww, (c + 1) * ww)
+
+    # ---- identity ---------------------------------------------------------------------------
+    def to_spec(self) -> tuple[int, ...]:
+        """Flat integers (GH, GW, wh_0, ww_0, n_0, wh_1, ...): how the layout crosses a custom op."""
+        spec = list(self.grid)
+        for (wh, ww), n in zip(self.windows, self.queries):
+            spec += [wh, ww, n]
+        return tuple(spec)
+
+    @staticmethod
+    def from_spec(spec: Sequence[int]) -> "WindowLayout":
+        return _layout_from_spec(tuple(int(x) for x in spec))
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, WindowLayout) and self.to_spec() == other.to_spec()
+
+    def __hash__(self) -> int:
+        return hash(self.to_spec())
+
+    def __repr__(self) -> str:
+        wins = [w[0] if w[0] == w[1] else list(w) for w in self.windows]
+        grid = self.grid[0] if self.grid[0] == self.grid[1] else list(self.grid)
+        return f"WindowLayout(grid={grid}, windows={wins}, queries={list(self.queries)})"
+
+    # ---- index tables -----------------------------------------------------------------------
+    def tables(self, device="cpu") -> LayoutTables:
+        """The index tables on ``device``, built on first use and cached per device."""
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if device not in self._tables:
+            self._tables[device] = self._build_tables(device)
+        return self._tables[device]
+
+    def _build_tables(self, device: torch.device) -> LayoutTables:
+        cols: dict[str, list[int]] = {name: [] for name in LayoutTables.__dataclass_fields__}
+        wid = 0
+        for s in range(self.num_scales):
+            qpw = self.queries_per_window[s]
+            for w in range(self.windows_per_scale[s]):
+                rows, columns = self.window_patches(s, w)
+                cols["window_scale"].append(s)
+                cols["window_row0"].append(rows.start)
+                cols["window_col0"].append(columns.start)
+                cols["window_height"].append(len(rows))
+                cols["window_width"].append(len(columns))
+                cols["window_q_start"].append(self.query_offsets[s] + w * qpw)
+                cols["window_q_count"].append(qpw)
+                cols["query_scale"] += [s] * qpw
+                cols["query_window"] += [wid] * qpw
+                wid += 1
+        return LayoutTables(
+            **{k: torch.tensor(v, dtype=torch.int32, device=device) for k, v in cols.items()}
+        )
+
+
+@functools.lru_cache(maxsize=256)
+def _layout_from_spec(spec: tuple[int, ...]) -> WindowLayout:
+    if len(spec) < 5 or (len(spec) - 2) % 3:
+        raise ValueError(f"a layout spec is (GH, GW, wh, ww, n, ...), got {spec!r}")
+    body = spec[2:]
+    windows = [tuple(body[i : i + 2]) for i in range(0, len(body), 3)]
+    queries = [body[i + 2] for i in range(0, len(body), 3)]
+    return WindowLayout(spec[:2], windows, queries)

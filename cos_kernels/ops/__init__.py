@@ -1,0 +1,133 @@
+"""multiscale_window_attention: input validation and the one dispatch point for every backend.
+
+Backends:
+  "torch"  eager PyTorch (one SDPA per scale over window-folded K/V), differentiable, any device.
+  fused backends registered in ``registry`` (Triton, CUDA), run through the custom ops of
+  ``custom_op``.
+  "auto"   the best backend available for the tensors' device.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+
+import torch
+
+from ..layout import WindowLayout
+from . import reference
+from .registry import get_kernel, registered_kernels
+
+__all__ = ["multiscale_window_attention", "available_backends", "resolve_backend", "BACKENDS"]
+
+# Fused backends, most preferred first: name -> module that registers it on import.
+_FUSED_MODULES: dict[str, str] = {}
+BACKENDS = ("auto", "torch", *_FUSED_MODULES)
+_IMPORT_ERRORS: dict[str, str] = {}
+
+
+def _load_fused(name: str):
+    """The registered kernel ``name``, importing its module on first use; None if it cannot load."""
+    if name not in registered_kernels() and name not in _IMPORT_ERRORS:
+        try:
+            importlib.import_module(_FUSED_MODULES[name], __name__)
+        except ImportError as err:
+            _IMPORT_ERRORS[name] = f"{type(err).__name__}: {err}"
+    return registered_kernels().get(name)
+
+
+def _unavailable_reason(name: str, device: torch.device) -> str | None:
+    kernel = _load_fused(name)
+    if kernel is None:
+        return f"the {name} backend could not be loaded ({_IMPORT_ERRORS[name]})"
+    return kernel.unavailable_reason(device)
+
+
+def available_backends(device="cpu") -> list[str]:
+    """Names of the backends that can run on ``device`` (besides "auto"), most preferred first."""
+    device = torch.device(device)
+    return [n for n in _FUSED_MODULES if _unavailable_reason(n, device) is None] + ["torch"]
+
+
+def resolve_backend(backend: str, device) -> str:
+    """The concrete backend ``backend`` stands for on ``device``; raises if it cannot run there."""
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+    device = torch.device(device)
+    if backend == "auto":
+        if device.type != "cuda":
+            return "torch"
+        return available_backends(device)[0]
+    if backend != "torch":
+        reason = _unavailable_reason(backend, device)
+        if reason is not None:
+            raise RuntimeError(f"backend={backend!r} cannot run on {device}: {reason}")
+    return backend
+
+
+def _check_inputs(q, k, v, layout, softmax_scale) -> None:
+    if not isinstance(layout, WindowLayout):
+        raise TypeError(f"layout must be a cos_kernels.WindowLayout, got {type(layout).__name__}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if q.dim() != 4:
+        raise ValueError(f"q must have shape (B, Q, H, D), got {tuple(q.shape)}")
+    B, Q, H, D = q.shape
+    want_kv = (B, layout.num_scales, layout.num_patches, H, D)
+    if Q != layout.total_queries:
+        raise ValueError(
+            f"q has {Q} queries (shape {tuple(q.shape)}) but {layout} has {layout.total_queries}"
+        )
+    for name, t in (("k", k), ("v", v)):
+        if tuple(t.shape) != want_kv:
+            raise ValueError(
+                f"{name} must have shape (B, S, N, H, D) = {want_kv} for q of shape "
+                f"{tuple(q.shape)} and {layout}, got {tuple(t.shape)}"
+            )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype} and {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device} and {v.device}")
+    if softmax_scale is not None:
+        if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
+            raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
+        if not (math.isfinite(softmax_scale) and softmax_scale > 0):
+            raise ValueError(f"softmax_scale must be a positive finite number, got {softmax_scale}")
+
+
+def multiscale_window_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: WindowLayout,
+    *,
+    softmax_scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Windowed cross-attention of every scale of ``layout`` at once.
+
+    q: (B, Q, H, D), Q = layout.total_queries, ordered scale by scale, windows in raster order,
+       each window's queries contiguous.
+    k, v: (B, S, N, H, D), S = layout.num_scales, N = GH * GW patches in raster order; any strides.
+    Returns (B, Q, H, D) in q's dtype: each query attends, with softmax, over the K/V of its own
+    scale restricted to the patches of its own window. softmax_scale defaults to D ** -0.5.
+    """
+    _check_inputs(q, k, v, layout, softmax_scale)
+    scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
+    name = resolve_backend(backend, q.device)
+    if name == "torch":
+        return reference.window_attention(q, k, v, layout, scale)
+    kernel = get_kernel(name)
+    if q.dtype not in kernel.dtypes:
+        raise TypeError(f"backend={name!r} supports dtypes {list(kernel.dtypes)}, got {q.dtype}")
+    if q.shape[-1] not in kernel.head_dims:
+        raise ValueError(
+            f"backend={name!r} supports head dims {kernel.head_dims.start}..{kernel.head_dims.stop - 1}, "
+            f"got D={q.shape[-1]}"
+        )
+    from .custom_op import fused_window_attention
+
+    return fused_window_attention(q, k, v, layout, scale, name)

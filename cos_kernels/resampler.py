@@ -1,0 +1,273 @@
+"""MultiScaleResampler: Chain-of-Sight's multi-scale visual resampler.
+
+For each feature level l and scale s there is one block (no weights shared):
+    x = q + Wo(Attn(LN(q) Wq, LN(f) Wk, LN(f) Wv))      each query attends only to its own window
+    x = x + FC2(GELU(FC1(LN(x))))
+Levels run in sequence (level l's outputs are level l+1's queries). The output is every scale's
+queries, coarse to fine, through a final LayerNorm and a Linear to the LLM's width.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .config import CoSConfig
+from .layout import WindowLayout
+from .ops import BACKENDS, multiscale_window_attention
+
+__all__ = ["MultiScaleResampler", "ResamplerBlock"]
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+class ResamplerBlock(nn.Module):
+    """One (level, scale) block. Its attention runs inside the resampler, all scales in one op."""
+
+    def __init__(self, config: CoSConfig):
+        super().__init__()
+        dim, eps = config.dim, config.norm_eps
+        self.norm_q = nn.LayerNorm(dim, eps=eps)
+        self.norm_kv = nn.LayerNorm(config.vision_dim, eps=eps)
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(config.vision_dim, dim, bias=False)
+        self.to_v = nn.Linear(config.vision_dim, dim, bias=False)
+        self.to_out = nn.Linear(dim, dim)
+        self.norm_ffn = nn.LayerNorm(dim, eps=eps)
+        self.fc1 = nn.Linear(dim, config.hidden_dim)
+        self.fc2 = nn.Linear(config.hidden_dim, dim)
+
+    def ffn(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, n, dim) -> (B, n, dim), residual included."""
+        return x + self.fc2(F.gelu(self.fc1(self.norm_ffn(x))))
+
+
+class MultiScaleResampler(nn.Module):
+    """Learnable queries per window of the ViT feature map, several window sizes.
+
+    forward(features) -> (B, total_queries, llm_dim). ``features``: one tensor per feature level
+    (a list of config.num_levels tensors, or a single tensor when num_levels == 1), each of shape
+    (B, N, vision_dim) with N = GH * GW patches in raster order, (B, N + 1, vision_dim) with a leading
+    CLS token when config.drop_cls, or (B, vision_dim, GH, GW).
+
+    backend: the attention backend ("auto", "torch", or a fused one; see cos_kernels.ops).
+    """
+
+    def __init__(self, config: CoSConfig, backend: str = "auto"):
+        super().__init__()
+        if not isinstance(config, CoSConfig):
+            raise TypeError(f"config must be a CoSConfig, got {type(config).__name__}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+        self.config = config
+        self.layout = config.layout
+        self.backend = backend
+        self.queries = nn.ParameterList(
+            nn.Parameter(torch.empty(n, config.dim)) for n in config.queries
+        )
+        self.levels = nn.ModuleList(
+            nn.ModuleList(ResamplerBlock(config) for _ in range(self.layout.num_scales))
+            for _ in range(config.num_levels)
+        )
+        self.norm_out = nn.LayerNorm(config.dim, eps=config.norm_eps)
+        self.proj_out = nn.Linear(config.dim, config.llm_dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """trunc-normal(std) queries and linear weights, zero biases, LayerNorm (1, 0)."""
+        std = self.config.init_std
+        for p in self.queries:
+            nn.init.trunc_normal_(p, std=std, a=-2 * std, b=2 * std)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.layout.total_queries
+
+    # ---- forward ----------------------------------------------------------------------------
+    def forward(self, features) -> torch.Tensor:
+        levels = self._feature_levels(features)
+        B = levels[0].shape[0]
+        x = [q.unsqueeze(0).expand(B, -1, -1) for q in self.queries]
+        for blocks, f in zip(self.levels, levels):
+            x = self._level(blocks, x, f)
+        return self.proj_out(self.norm_out(torch.cat(x, dim=1)))
+
+    def _level(self, blocks, x: list[torch.Tensor], f: torch.Tensor) -> list[torch.Tensor]:
+        """Every scale's block for one level: x[s] (B, n_s, dim), f (B, N, vision_dim)."""
+        cfg, layout = self.config, self.layout
+        B, N, _ = f.shape
+        H, D, S = cfg.num_heads, cfg.head_dim, layout.num_scales
+        q = torch.cat([blk.to_q(blk.norm_q(xs)) for blk, xs in zip(blocks, x)], dim=1)
+        k = torch.stack([blk.to_k(blk.norm_kv(f)) for blk in blocks], dim=1)
+        v = torch.stack([blk.to_v(blk.norm_kv(f)) for blk in blocks], dim=1)
+        o = multiscale_window_attention(
+            q.view(B, -1, H, D), k.view(B, S, N, H, D), v.view(B, S, N, H, D), layout,
+            backend=self.backend,
+        )
+        o = o.reshape(B, -1, cfg.dim).split(list(layout.queries), dim=1)
+        return [blk.ffn(xs + blk.to_out(os)) for blk, xs, os in zip(blocks, x, o)]
+
+    def _feature_levels(self, features) -> list[torch.Tensor]:
+        """Check and normalise the input: a list of (B, N, vision_dim) tensors, one per level."""
+        cfg = self.config
+        if isinstance(features, torch.Tensor):
+            if cfg.num_levels != 1:
+                raise ValueError(
+                    f"this resampler has num_levels={cfg.num_levels}: pass a list of "
+                    f"{cfg.num_levels} feature tensors, got a single tensor of shape {tuple(features.shape)}"
+                )
+            features = [features]
+        if not isinstance(features, (list, tuple)) or not all(
+            isinstance(f, torch.Tensor) for f in features
+        ):
+            raise TypeError(f"features must be a tensor or a list of tensors, got {type(features).__name__}")
+        if len(features) != cfg.num_levels:
+            raise ValueError(
+                f"expected {cfg.num_levels} feature levels, got a list of {len(features)} tensors"
+            )
+        (gh, gw), C, N = cfg.grid, cfg.vision_dim, self.layout.num_patches
+        accepted = [f"(B, {N}, {C})", f"(B, {C}, {gh}, {gw})"]
+        if cfg.drop_cls:
+            accepted.insert(1, f"(B, {N + 1}, {C}) with a leading CLS token")
+        out = []
+        for i, f in enumerate(features):
+            shape = tuple(f.shape)
+            if f.dim() == 4 and shape[1:] == (C, gh, gw):
+                f = f.flatten(2).transpose(1, 2)
+            elif f.dim() == 3 and shape[2] == C and (shape[1] == N or (cfg.drop_cls and shape[1] == N + 1)):
+                f = f[:, -N:]
+            else:
+                raise ValueError(
+                    f"features[{i}] has shape {shape}; accepted shapes: {', '.join(accepted)}"
+                )
+            if out and f.shape[0] != out[0].shape[0]:
+                raise ValueError(
+                    f"features[{i}] has batch {f.shape[0]} but features[0] has {out[0].shape[0]}"
+                )
+            out.append(f)
+        return out
+
+    # ---- compound token scaling -------------------------------------------------------------
+    def scale_up(self, *, grid=None, windows, queries, source) -> "MultiScaleResampler":
+        """A new resampler with the layout (grid, windows, queries), inflated from this one.
+
+        New scale i copies every weight of this resampler's scale ``source[i]`` (every level's block).
+        Each new window takes the queries of the source window covering the same image area; when a
+        window holds g times as many queries as its source window, each source query is repeated g
+        times. Each new scale's window grid must refine its source's (the window counts per side are
+        integer multiples), so every new window lies inside one source window.
+        """
+        cfg = replace(self.config, grid=self.config.grid if grid is None else grid,
+                      windows=list(windows), queries=list(queries))
+        new_layout, old = cfg.layout, self.layout
+        source = list(source)
+        if len(source) != new_layout.num_scales:
+            raise ValueError(
+                f"source must name one old scale per new scale: {new_layout.num_scales} new scales, "
+                f"got source={source}"
+            )
+        for i, j in enumerate(source):
+            if isinstance(j, bool) or not isinstance(j, int) or not 0 <= j < old.num_scales:
+                raise ValueError(
+                    f"source[{i}] = {j!r} is not a scale of this resampler (0..{old.num_scales - 1})"
+                )
+            (nr, nc), (orr, oc) = new_layout.window_grids[i], old.window_grids[j]
+            if nr % orr or nc % oc:
+                raise ValueError(
+                    f"new scale {i} (window {new_layout.windows[i]} on grid {new_layout.grid}, a "
+                    f"{nr}x{nc} window grid) cannot be mapped onto source scale {j} (window "
+                    f"{old.windows[j]} on grid {old.grid}, a {orr}x{oc} window grid): the new window "
+                    f"grid must be an integer refinement of the source's"
+                )
+            if new_layout.queries_per_window[i] % old.queries_per_window[j]:
+                raise ValueError(
+                    f"new scale {i} has {new_layout.queries_per_window[i]} queries per window, not a "
+                    f"multiple of source scale {j}'s {old.queries_per_window[j]}"
+                )
+        new = type(self)(cfg, backend=self.backend).to(self.queries[0].device, self.queries[0].dtype)
+        with torch.no_grad():
+            for i, j in enumerate(source):
+                (nr, nc), (orr, oc) = new_layout.window_grids[i], old.window_grids[j]
+                g = new_layout.queries_per_window[i] // old.queries_per_window[j]
+                q = self.queries[j].view(orr, oc, old.queries_per_window[j], cfg.dim)
+                q = q.repeat_interleave(nr // orr, 0).repeat_interleave(nc // oc, 1)
+                new.queries[i].copy_(q.repeat_interleave(g, 2).reshape(-1, cfg.dim))
+                for new_blocks, old_blocks in zip(new.levels, self.levels):
+                    new_blocks[i].load_state_dict(old_blocks[j].state_dict())
+            new.norm_out.load_state_dict(self.norm_out.state_dict())
+            new.proj_out.load_state_dict(self.proj_out.state_dict())
+        return new
+
+    # ---- checkpoints ------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write config.json and model.safetensors into ``directory``, each atomically."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        metadata = {"format": "pt", "layout": json.dumps(list(self.layout.to_spec()))}
+        _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, p, metadata=metadata))
+        _atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(self.config.to_json()))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, backend: str = "auto") -> "MultiScaleResampler":
+        """Load what save_pretrained wrote; a checkpoint that does not match its config is refused."""
+        directory = Path(directory)
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            if not (directory / name).is_file():
+                raise FileNotFoundError(f"{directory / name} not found (expected {CONFIG_NAME} and {WEIGHTS_NAME})")
+        config = CoSConfig.from_json(directory / CONFIG_NAME)
+        model = cls(config, backend=backend)
+        with safe_open(str(directory / WEIGHTS_NAME), framework="pt") as f:
+            saved_spec = json.loads((f.metadata() or {}).get("layout", "null"))
+            if saved_spec is not None and tuple(saved_spec) != config.layout.to_spec():
+                raise ValueError(
+                    f"{directory / WEIGHTS_NAME} holds weights for {WindowLayout.from_spec(saved_spec)} "
+                    f"but {directory / CONFIG_NAME} describes {config.layout}"
+                )
+            state = {k: f.get_tensor(k) for k in f.keys()}
+        expected = model.state_dict()
+        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise ValueError(
+                f"{directory / WEIGHTS_NAME} does not match {config.layout} (num_levels="
+                f"{config.num_levels}): missing {missing}, unexpected {unexpected}"
+            )
+        for k, t in state.items():
+            if t.shape != expected[k].shape:
+                raise ValueError(
+                    f"{directory / WEIGHTS_NAME}: tensor {k!r} has shape {tuple(t.shape)} but the config "
+                    f"({config.layout}, dim={config.dim}, vision_dim={config.vision_dim}) expects "
+                    f"{tuple(expected[k].shape)}"
+                )
+        model.load_state_dict(state)
+        return model
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Call write(tmp_path) on a temporary file beside ``path``, then rename it over ``path``."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
