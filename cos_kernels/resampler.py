@@ -250,12 +250,12 @@ class MultiScaleResampler(nn.Module):
                 f"{directory / WEIGHTS_NAME} does not match {config.layout} (num_levels="
                 f"{config.num_levels}): missing {missing}, unexpected {unexpected}"
             )
-        for k, t in state.items():
-            if t.shape != expected[k].shape:
+        for k, want in expected.items():
+            if state[k].shape != want.shape:
                 raise ValueError(
-                    f"{directory / WEIGHTS_NAME}: tensor {k!r} has shape {tuple(t.shape)} but the config "
-                    f"({config.layout}, dim={config.dim}, vision_dim={config.vision_dim}) expects "
-                    f"{tuple(expected[k].shape)}"
+                    f"{directory / WEIGHTS_NAME}: tensor {k!r} has shape {tuple(state[k].shape)} but the "
+                    f"config ({config.layout}, dim={config.dim}, vision_dim={config.vision_dim}) "
+                    f"expects {tuple(want.shape)}"
                 )
         model.load_state_dict(state)
         return model

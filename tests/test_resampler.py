@@ -1,0 +1,230 @@
+"""MultiScaleResampler: structure against a plain re-implementation, inputs, presets, compound token
+scaling, checkpoints."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cos_kernels import CoSConfig, MultiScaleResampler
+from oracle import reference_attention, seeded_rng
+
+
+def small_config(**overrides):
+    base = dict(grid=(4, 6), windows=[(4, 6), 2], queries=[3, 12], vision_dim=24, dim=32, num_heads=4,
+                llm_dim=40, num_levels=2, mlp_ratio=2.0)
+    return CoSConfig(**{**base, **overrides})
+
+
+def randomize_(model):
+    """Random non-trivial values everywhere (biases and norms too), so no parameter is a no-op."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    return model
+
+
+def plain_forward(model, levels):
+    """The block structure of SPEC.md written out in float64, scale by scale, with the loop reference."""
+    cfg, layout = model.config, model.layout
+    H, D = cfg.num_heads, cfg.head_dim
+    B = levels[0].shape[0]
+    x = [q.double().expand(B, -1, -1) for q in model.queries]
+
+    def ln(t, norm):
+        return F.layer_norm(t, t.shape[-1:], norm.weight.double(), norm.bias.double(), cfg.norm_eps)
+
+    def lin(t, layer):
+        return F.linear(t, layer.weight.double(), None if layer.bias is None else layer.bias.double())
+
+    for blocks, f in zip(model.levels, levels):
+        f = f.double()
+        q = torch.cat([lin(ln(xs, b.norm_q), b.to_q) for b, xs in zip(blocks, x)], 1)
+        k = torch.stack([lin(ln(f, b.norm_kv), b.to_k) for b in blocks], 1)
+        v = torch.stack([lin(ln(f, b.norm_kv), b.to_v) for b in blocks], 1)
+        N = f.shape[1]
+        o = reference_attention(q.view(B, -1, H, D), k.view(B, -1, N, H, D), v.view(B, -1, N, H, D), layout)
+        o = o.reshape(B, -1, cfg.dim).split(list(layout.queries), 1)
+        new_x = []
+        for b, xs, os in zip(blocks, x, o):
+            xs = xs + lin(os, b.to_out)
+            new_x.append(xs + lin(F.gelu(lin(ln(xs, b.norm_ffn), b.fc1)), b.fc2))
+        x = new_x
+    return lin(ln(torch.cat(x, 1), model.norm_out), model.proj_out)
+
+
+def test_matches_plain_implementation():
+    seeded_rng()
+    model = randomize_(MultiScaleResampler(small_config(), backend="torch"))
+    levels = [torch.randn(2, 24, 24) for _ in range(2)]
+    out = model(levels)
+    assert out.shape == (2, 15, 40) and out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), plain_forward(model, levels), rtol=1e-4, atol=1e-5)
+
+
+def test_input_formats_agree():
+    seeded_rng()
+    cfg = small_config()
+    model = MultiScaleResampler(cfg, backend="torch")
+    tokens = [torch.randn(3, 24, 24) for _ in range(2)]
+    with_cls = [torch.cat([torch.randn(3, 1, 24), t], 1) for t in tokens]
+    maps = [t.transpose(1, 2).reshape(3, 24, 4, 6) for t in tokens]
+    ref = model(tokens)
+    torch.testing.assert_close(model(with_cls), ref)
+    torch.testing.assert_close(model(maps), ref)
+    torch.testing.assert_close(model(tuple(tokens)), ref)
+    one_level = MultiScaleResampler(small_config(num_levels=1), backend="torch")
+    assert one_level(tokens[0]).shape == (3, 15, 40)
+
+
+def test_gradients_reach_every_parameter():
+    seeded_rng()
+    model = randomize_(MultiScaleResampler(small_config(), backend="torch"))
+    levels = [torch.randn(2, 24, 24, requires_grad=True) for _ in range(2)]
+    model(levels).square().mean().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert all(f.grad.abs().sum() > 0 for f in levels)
+
+
+@pytest.mark.parametrize(
+    "features, match",
+    [
+        (lambda: torch.randn(2, 24, 24), r"num_levels=2: pass a list of 2 feature tensors, got a single tensor of shape \(2, 24, 24\)"),
+        (lambda: [torch.randn(2, 24, 24)], "expected 2 feature levels, got a list of 1"),
+        (lambda: [torch.randn(2, 23, 24)] * 2, r"features\[0\] has shape \(2, 23, 24\); accepted shapes: \(B, 24, 24\), \(B, 25, 24\) with a leading CLS token, \(B, 24, 4, 6\)"),
+        (lambda: [torch.randn(2, 24, 24), torch.randn(2, 24, 6, 4)], r"features\[1\] has shape \(2, 24, 6, 4\)"),
+        (lambda: [torch.randn(2, 24, 16)] * 2, r"features\[0\] has shape \(2, 24, 16\)"),
+        (lambda: [torch.randn(2, 24, 24), torch.randn(3, 24, 24)], r"features\[1\] has batch 3 but features\[0\] has 2"),
+        (lambda: [torch.randn(24, 24)] * 2, r"features\[0\] has shape \(24, 24\)"),
+    ],
+)
+def test_bad_features(features, match):
+    model = MultiScaleResampler(small_config(), backend="torch")
+    with pytest.raises(ValueError, match=match):
+        model(features())
+
+
+def test_cls_rejected_when_config_keeps_it():
+    model = MultiScaleResampler(small_config(drop_cls=False), backend="torch")
+    with pytest.raises(ValueError, match=r"accepted shapes: \(B, 24, 24\), \(B, 24, 4, 6\)$"):
+        model([torch.randn(1, 25, 24)] * 2)
+
+
+def test_bad_constructor_arguments():
+    with pytest.raises(TypeError, match="config must be a CoSConfig, got dict"):
+        MultiScaleResampler({"grid": 16})
+    with pytest.raises(ValueError, match="backend must be one of .* got 'fast'"):
+        MultiScaleResampler(small_config(), backend="fast")
+
+
+def test_cos80_parameter_count_and_presets():
+    with torch.device("meta"):
+        counts = {name: sum(p.numel() for p in MultiScaleResampler(CoSConfig.from_preset(name)).parameters())
+                  for name in ("cos-80", "cos-1296", "resampler-336")}
+    block = 3 * 1024 * 1024 + (1024 * 1024 + 1024) + 2 * (4096 * 1024) + 4096 + 1024 + 3 * 2048
+    head = 2048 + 1024 * 4096 + 4096
+    assert counts["cos-80"] == 4 * block + 80 * 1024 + head
+    assert 54e6 < counts["cos-80"] < 56e6
+    assert counts["cos-1296"] == 6 * block + 1296 * 1024 + head
+    assert counts["resampler-336"] == 2 * block + 336 * 1024 + head
+    model = MultiScaleResampler(CoSConfig.from_preset("cos-80", vision_dim=32, dim=32, num_heads=2, llm_dim=48))
+    assert model([torch.randn(1, 257, 32)] * 2).shape == (1, 80, 48)
+
+
+def _scale_pair():
+    """A grid-4 resampler and its scale-up to grid 8 with scales [global, same-area x2 queries, finer]."""
+    seeded_rng()
+    cfg = small_config(grid=4, windows=[4, 2], queries=[3, 8])  # 4 windows of 2x2, 2 queries each
+    old = randomize_(MultiScaleResampler(cfg, backend="torch"))
+    new = old.scale_up(grid=8, windows=[8, 4, 2], queries=[3, 16, 32], source=[0, 1, 1])
+    return old, new
+
+
+def test_scale_up_reproduces_source_outputs():
+    old, new = _scale_pair()
+    levels = [torch.randn(2, 24, 4, 4) for _ in range(2)]
+    up = [F.interpolate(f, scale_factor=2, mode="nearest") for f in levels]
+    with torch.no_grad():
+        a, b = old(levels), new(up)
+    assert b.shape == (2, 3 + 16 + 32, 40)
+    # New scale 0: one 8x8 window = old scale 0's 4x4 window: identical outputs.
+    torch.testing.assert_close(b[:, :3], a[:, :3], rtol=1e-5, atol=1e-5)
+    # New scale 1: 4x4 windows on grid 8 = old 2x2 windows on grid 4, 4 queries per window = each old
+    # query twice, in order.
+    torch.testing.assert_close(b[:, 3:19], a[:, 3:11].repeat_interleave(2, dim=1), rtol=1e-5, atol=1e-5)
+    # New scale 2 covers smaller areas: it must differ from any copy of the source outputs.
+    assert not torch.allclose(b[:, 19:], a[:, 3:11].repeat_interleave(4, dim=1), atol=1e-3)
+
+
+def test_scale_up_copies_weights_and_maps_queries():
+    old, new = _scale_pair()
+    for lvl_new, lvl_old in zip(new.levels, old.levels):
+        for i, j in enumerate([0, 1, 1]):
+            for (n1, p1), (n2, p2) in zip(lvl_new[i].named_parameters(), lvl_old[j].named_parameters()):
+                assert n1 == n2 and torch.equal(p1, p2)
+    oq = old.queries[1].view(2, 2, 2, -1)  # (window row, window col, query, dim)
+    nq = new.queries[2].view(4, 4, 2, -1)  # 2x2 windows on grid 8: each inside old window (r//2, c//2)
+    for r in range(4):
+        for c in range(4):
+            assert torch.equal(nq[r, c], oq[r // 2, c // 2])
+    assert torch.equal(new.proj_out.weight, old.proj_out.weight)
+
+
+def test_scale_up_80_to_1296():
+    with torch.device("meta"):
+        old = MultiScaleResampler(CoSConfig.from_preset("cos-80"))
+        new = old.scale_up(grid=32, windows=[32, 8, 2], queries=[16, 256, 1024], source=[0, 0, 1])
+    assert new.config.layout == CoSConfig.from_preset("cos-1296").layout
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(grid=8, windows=[8, 4], queries=[3, 8], source=[0]), "one old scale per new scale"),
+        (dict(grid=8, windows=[8, 4], queries=[3, 8], source=[0, 2]), r"source\[1\] = 2 is not a scale"),
+        (dict(grid=6, windows=[6, 2], queries=[3, 18], source=[0, 1]), r"new scale 1 \(window \(2, 2\) on grid \(6, 6\), a 3x3 window grid\) cannot be mapped onto source scale 1 .* a 2x2 window grid"),
+        (dict(grid=8, windows=[8, 4], queries=[3, 12], source=[0, 1]), r"new scale 1 has 3 queries per window, not a multiple of source scale 1's 2"),
+        (dict(grid=8, windows=[8, 3], queries=[3, 8], source=[0, 1]), "does not tile the grid"),
+        (dict(grid=8, windows=[8, 4], queries=[3, 8], source=[0, "1"]), r"source\[1\] = '1' is not a scale"),
+    ],
+)
+def test_scale_up_errors(kwargs, match):
+    old = MultiScaleResampler(small_config(grid=4, windows=[4, 2], queries=[3, 8]), backend="torch")
+    with pytest.raises(ValueError, match=match):
+        old.scale_up(**kwargs)
+
+
+def test_save_load_round_trip(tmp_path):
+    seeded_rng()
+    model = randomize_(MultiScaleResampler(small_config(), backend="torch"))
+    model.save_pretrained(tmp_path / "ckpt")
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", "model.safetensors"]
+    loaded = MultiScaleResampler.from_pretrained(tmp_path / "ckpt", backend="torch")
+    assert loaded.config == model.config
+    for (n1, p1), (n2, p2) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert n1 == n2 and torch.equal(p1, p2)
+    levels = [torch.randn(2, 24, 24) for _ in range(2)]
+    torch.testing.assert_close(loaded(levels), model(levels), rtol=0, atol=0)
+    model.save_pretrained(tmp_path / "ckpt")  # overwriting in place works and leaves no temp files
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_load_rejects_layout_mismatch(tmp_path):
+    MultiScaleResampler(small_config(), backend="torch").save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["queries"] = [3, 24]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"holds weights for WindowLayout\(grid=\[4, 6\], windows=\[\[4, 6\], 2\], queries=\[3, 12\]\) but .*config.json describes .*queries=\[3, 24\]"):
+        MultiScaleResampler.from_pretrained(tmp_path)
+    cfg["queries"], cfg["dim"] = [3, 12], 48
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"tensor 'queries.0' has shape \(3, 32\) but the config .* expects \(3, 48\)"):
+        MultiScaleResampler.from_pretrained(tmp_path)
+    cfg["dim"], cfg["num_levels"] = 32, 1
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"unexpected \['levels.1.0.fc1.bias'"):
+        MultiScaleResampler.from_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        MultiScaleResampler.from_pretrained(tmp_path / "nothing")
