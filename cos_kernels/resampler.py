@@ -61,9 +61,12 @@ class MultiScaleResampler(nn.Module):
     CLS token when config.drop_cls, or (B, vision_dim, GH, GW).
 
     backend: the attention backend ("auto", "torch", or a fused one; see cos_kernels.ops).
+    fused: compute what scales share once (one normalisation and one K/V product for all scales,
+        level-1 queries once per call rather than per image); False runs the plain block structure.
+        Both give the same function of the same parameters.
     """
 
-    def __init__(self, config: CoSConfig, backend: str = "auto"):
+    def __init__(self, config: CoSConfig, backend: str = "auto", fused: bool = True):
         super().__init__()
         if not isinstance(config, CoSConfig):
             raise TypeError(f"config must be a CoSConfig, got {type(config).__name__}")
@@ -72,6 +75,7 @@ class MultiScaleResampler(nn.Module):
         self.config = config
         self.layout = config.layout
         self.backend = backend
+        self.fused = bool(fused)
         self.queries = nn.ParameterList(
             nn.Parameter(torch.empty(n, config.dim)) for n in config.queries
         )
@@ -105,24 +109,57 @@ class MultiScaleResampler(nn.Module):
     def forward(self, features) -> torch.Tensor:
         levels = self._feature_levels(features)
         B = levels[0].shape[0]
-        x = [q.unsqueeze(0).expand(B, -1, -1) for q in self.queries]
+        if self.fused:
+            # Level 1's queries are the same for every image: (n_s, dim) per scale, broadcast over the
+            # batch only where they meet the image.
+            level, x = self._fused_level, list(self.queries)
+        else:
+            level, x = self._reference_level, [q.expand(B, -1, -1) for q in self.queries]
         for blocks, f in zip(self.levels, levels):
-            x = self._level(blocks, x, f)
+            x = level(blocks, x, f)
         return self.proj_out(self.norm_out(torch.cat(x, dim=1)))
 
-    def _level(self, blocks, x: list[torch.Tensor], f: torch.Tensor) -> list[torch.Tensor]:
-        """Every scale's block for one level: x[s] (B, n_s, dim), f (B, N, vision_dim)."""
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[torch.Tensor]:
+        """q (B or 1, Q, dim); k, v (B, S, N, dim), any strides -> per scale (B, n_s, dim).
+        A q without the batch reaches the op as a batch-broadcast (stride-0) view."""
         cfg, layout = self.config, self.layout
-        B, N, _ = f.shape
-        H, D, S = cfg.num_heads, cfg.head_dim, layout.num_scales
+        B, S, N, _ = k.shape
+        H, D = cfg.num_heads, cfg.head_dim
+        q = q.view(q.shape[0], -1, H, D).expand(B, -1, -1, -1)
+        o = multiscale_window_attention(
+            q, k.view(B, S, N, H, D), v.view(B, S, N, H, D), layout, backend=self.backend
+        )
+        return o.reshape(B, -1, cfg.dim).split(list(layout.queries), dim=1)
+
+    def _reference_level(self, blocks, x: list[torch.Tensor], f: torch.Tensor) -> list[torch.Tensor]:
+        """The plain block structure, scale by scale. x[s]: (B, n_s, dim); f: (B, N, vision_dim)."""
         q = torch.cat([blk.to_q(blk.norm_q(xs)) for blk, xs in zip(blocks, x)], dim=1)
         k = torch.stack([blk.to_k(blk.norm_kv(f)) for blk in blocks], dim=1)
         v = torch.stack([blk.to_v(blk.norm_kv(f)) for blk in blocks], dim=1)
-        o = multiscale_window_attention(
-            q.view(B, -1, H, D), k.view(B, S, N, H, D), v.view(B, S, N, H, D), layout,
-            backend=self.backend,
-        )
-        o = o.reshape(B, -1, cfg.dim).split(list(layout.queries), dim=1)
+        o = self._attend(q, k, v)
+        return [blk.ffn(xs + blk.to_out(os)) for blk, xs, os in zip(blocks, x, o)]
+
+    def _fused_level(self, blocks, x: list[torch.Tensor], f: torch.Tensor) -> list[torch.Tensor]:
+        """The same function with shared work done once. x[s]: (n_s, dim) at level 1, else
+        (B, n_s, dim); f: (B, N, vision_dim).
+
+        K/V: LN_s(f) W = norm(f) (diag(gamma_s) W) + beta_s W, so one normalisation of f and one
+        product with every scale's folded K and V weights, read by the op through strides.
+        Q: at level 1 the queries are image-independent, so Q is computed once, without the batch.
+        """
+        B, N, _ = f.shape
+        S, dim = len(blocks), self.config.dim
+        f_hat = F.layer_norm(f, f.shape[-1:], eps=self.config.norm_eps)
+        weight = torch.stack(
+            [torch.stack([blk.to_k.weight, blk.to_v.weight]) * blk.norm_kv.weight for blk in blocks]
+        )  # (S, 2, dim, vision_dim)
+        bias = torch.stack(
+            [torch.stack([blk.to_k.weight, blk.to_v.weight]) @ blk.norm_kv.bias for blk in blocks]
+        )  # (S, 2, dim)
+        kv = F.linear(f_hat, weight.flatten(0, 2), bias.flatten()).view(B, N, S, 2, dim)
+        k, v = kv[:, :, :, 0].transpose(1, 2), kv[:, :, :, 1].transpose(1, 2)  # (B, S, N, dim)
+        q = torch.cat([blk.to_q(blk.norm_q(xs)) for blk, xs in zip(blocks, x)], dim=-2)
+        o = self._attend(q if q.dim() == 3 else q.unsqueeze(0), k, v)
         return [blk.ffn(xs + blk.to_out(os)) for blk, xs, os in zip(blocks, x, o)]
 
     def _feature_levels(self, features) -> list[torch.Tensor]:
@@ -202,7 +239,7 @@ class MultiScaleResampler(nn.Module):
                     f"new scale {i} has {new_layout.queries_per_window[i]} queries per window, not a "
                     f"multiple of source scale {j}'s {old.queries_per_window[j]}"
                 )
-        new = type(self)(cfg, backend=self.backend).to(self.queries[0].device, self.queries[0].dtype)
+        new = type(self)(cfg, backend=self.backend, fused=self.fused).to(self.queries[0].device, self.queries[0].dtype)
         with torch.no_grad():
             for i, j in enumerate(source):
                 (nr, nc), (orr, oc) = new_layout.window_grids[i], old.window_grids[j]
@@ -227,14 +264,16 @@ class MultiScaleResampler(nn.Module):
         _atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(self.config.to_json()))
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, backend: str = "auto") -> "MultiScaleResampler":
+    def from_pretrained(
+        cls, directory: str | os.PathLike, backend: str = "auto", fused: bool = True
+    ) -> "MultiScaleResampler":
         """Load what save_pretrained wrote; a checkpoint that does not match its config is refused."""
         directory = Path(directory)
         for name in (CONFIG_NAME, WEIGHTS_NAME):
             if not (directory / name).is_file():
                 raise FileNotFoundError(f"{directory / name} not found (expected {CONFIG_NAME} and {WEIGHTS_NAME})")
         config = CoSConfig.from_json(directory / CONFIG_NAME)
-        model = cls(config, backend=backend)
+        model = cls(config, backend=backend, fused=fused)
         with safe_open(str(directory / WEIGHTS_NAME), framework="pt") as f:
             saved_spec = json.loads((f.metadata() or {}).get("layout", "null"))
             if saved_spec is not None and tuple(saved_spec) != config.layout.to_spec():
