@@ -56,20 +56,15 @@ def random_layout(rng: random.Random, max_scales=3, max_qpw=16, max_grid=12) -> 
 
 def random_qkv(layout, B, H, D, dtype, device="cpu", fused_kv=False, requires_grad=False):
     """Random q (B, Q, H, D) and k, v (B, S, N, H, D); with fused_kv, k and v are strided views of one
-    (B, N, S, 2, H, D) tensor, as a fused projection produces them."""
+    (B, N, S, 2, H, D) tensor, as a fused projection produces them (its gradient reaches that tensor).
+    For gradient references, take float64 leaves: autograd rounds a leaf's gradient to its dtype."""
     S, N, Q = layout.num_scales, layout.num_patches, layout.total_queries
-    q = torch.randn(B, Q, H, D, device=device, dtype=dtype)
+    q = torch.randn(B, Q, H, D, device=device, dtype=dtype, requires_grad=requires_grad)
     if fused_kv:
-        kv = torch.randn(B, N, S, 2, H, D, device=device, dtype=dtype)
-        k, v = kv[:, :, :, 0].transpose(1, 2), kv[:, :, :, 1].transpose(1, 2)
-        leaves = [q, kv]
-    else:
-        k = torch.randn(B, S, N, H, D, device=device, dtype=dtype)
-        v = torch.randn(B, S, N, H, D, device=device, dtype=dtype)
-        leaves = [q, k, v]
-    if requires_grad:
-        for t in leaves:
-            t.requires_grad_(True)
+        kv = torch.randn(B, N, S, 2, H, D, device=device, dtype=dtype, requires_grad=requires_grad)
+        return q, kv[:, :, :, 0].transpose(1, 2), kv[:, :, :, 1].transpose(1, 2)
+    k = torch.randn(B, S, N, H, D, device=device, dtype=dtype, requires_grad=requires_grad)
+    v = torch.randn(B, S, N, H, D, device=device, dtype=dtype, requires_grad=requires_grad)
     return q, k, v
 
 
