@@ -21,7 +21,8 @@ from .registry import get_kernel, registered_kernels
 __all__ = ["multiscale_window_attention", "available_backends", "resolve_backend", "BACKENDS"]
 
 # Fused backends, most preferred first: name -> module that registers it on import.
-_FUSED_MODULES: dict[str, str] = {}
+# The CUDA backend, once built, goes first (order of preference: cuda > triton).
+_FUSED_MODULES: dict[str, str] = {"cuda": ".cuda_backend", "triton": ".triton_backend"}
 BACKENDS = ("auto", "torch", *_FUSED_MODULES)
 _IMPORT_ERRORS: dict[str, str] = {}
 
@@ -36,6 +37,7 @@ def _load_fused(name: str):
     return registered_kernels().get(name)
 
 
+@torch.compiler.assume_constant_result
 def _unavailable_reason(name: str, device: torch.device) -> str | None:
     kernel = _load_fused(name)
     if kernel is None:
@@ -98,6 +100,20 @@ def _check_inputs(q, k, v, layout, softmax_scale) -> None:
             raise ValueError(f"softmax_scale must be a positive finite number, got {softmax_scale}")
 
 
+def _autocast_inputs(q, k, v):
+    """Under autocast, q, k and v of different floating dtypes meet in the autocast dtype (as a
+    matmul's operands would); inputs of one dtype run in that dtype, the one autocast gave them."""
+    if not all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in (q, k, v)):
+        return q, k, v
+    if q.dtype == k.dtype == v.dtype:
+        return q, k, v
+    device_type = q.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return q, k, v
+    dtype = torch.get_autocast_dtype(device_type)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
 def multiscale_window_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -114,7 +130,9 @@ def multiscale_window_attention(
     k, v: (B, S, N, H, D), S = layout.num_scales, N = GH * GW patches in raster order; any strides.
     Returns (B, Q, H, D) in q's dtype: each query attends, with softmax, over the K/V of its own
     scale restricted to the patches of its own window. softmax_scale defaults to D ** -0.5.
+    Under autocast, q, k, v of mixed dtypes are first cast to the autocast dtype.
     """
+    q, k, v = _autocast_inputs(q, k, v)
     _check_inputs(q, k, v, layout, softmax_scale)
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
     name = resolve_backend(backend, q.device)

@@ -1,0 +1,327 @@
+"""Triton kernels of the multi-scale windowed cross-attention: one forward, two backward launches.
+
+Every program works on one (tile, batch image, head). Tiles come from tables built on the host
+(``triton_backend``), one row of ``TILE_FIELDS`` int32 per tile:
+
+Query tiles (forward, dQ) cover a contiguous run of queries of ONE scale: either several whole
+windows packed together (``BLOCK_M // qpw`` windows of ``qpw`` queries) or, for windows with more
+than ``BLOCK_M`` queries, a ``BLOCK_M``-row slice of one window. Their keys are the union of the
+tile's windows, enumerated as key slots j = local_window * P + patch_in_window (P = wh * ww) and
+visited ``BLOCK_N`` slots at a time; a score is kept only where the query's local window equals the
+key's (the in-tile window mask).
+
+    field: 0 q_start  1 rows  2 qpw  3 q_phase  4 scale  5 wh  6 ww  7 win_cols  8 win0  9 nkeys
+
+    q_start  index of the tile's first query (row 0)
+    rows     valid rows (<= BLOCK_M)
+    qpw      queries per window of the scale
+    q_phase  position of row 0 inside its window (0 for packed tiles)
+    scale    the scale s (K/V slice k[:, s])
+    wh, ww   window height and width in patches
+    win_cols windows per row of the scale's window grid
+    win0     raster index (inside the scale) of the tile's first window
+    nkeys    key slots of the tile: (number of windows) * wh * ww
+
+Key tiles (dK, dV) cover ``BLOCK_N`` key slots of a group of consecutive windows of one scale
+(several small windows packed, or a ``BLOCK_N`` slice of one large window) and iterate over all the
+queries of those windows, ``BLOCK_M`` at a time.
+
+    field: 0 k_begin  1 k_count  2 q_start  3 q_total  4 qpw  5 scale  6 wh  7 ww  8 win_cols  9 win0
+
+K and V are read in place through all five strides; every offset is formed in int64.
+Scores are kept in base 2: s2 = (q . k) * softmax_scale * log2(e); the saved logsumexp is natural.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+TILE_FIELDS = 10  # int32 columns of both tile tables (the kernels index rows with this stride)
+
+
+@triton.jit
+def _key_slots(j, nkeys, P, wh, ww, win0, win_cols, grid_w):
+    """Key slots j (int32 vector) of a window group -> (local window, patch index, valid)."""
+    valid = j < nkeys
+    lw = j // P
+    pp = j - lw * P
+    py = pp // ww
+    px = pp - py * ww
+    wi = win0 + lw
+    r = wi // win_cols
+    c = wi - r * win_cols
+    patch = (r * wh + py) * grid_w + c * ww + px
+    return lw, patch, valid
+
+
+@triton.jit
+def _query_tile(TILES, tile):
+    t = TILES + tile * 10
+    q_start = tl.load(t + 0)
+    rows = tl.load(t + 1)
+    qpw = tl.load(t + 2)
+    q_phase = tl.load(t + 3)
+    s = tl.load(t + 4)
+    wh = tl.load(t + 5)
+    ww = tl.load(t + 6)
+    win_cols = tl.load(t + 7)
+    win0 = tl.load(t + 8)
+    nkeys = tl.load(t + 9)
+    return q_start, rows, qpw, q_phase, s, wh, ww, win_cols, win0, nkeys
+
+
+@triton.jit
+def window_attention_fwd_kernel(
+    Q, K, V, O, LSE, TILES,
+    stride_qb, stride_qq, stride_qh, stride_qd,
+    stride_kb, stride_ks, stride_kn, stride_kh, stride_kd,
+    stride_vb, stride_vs, stride_vn, stride_vh, stride_vd,
+    stride_ob, stride_oq, stride_oh,
+    num_heads, num_bh, total_q, grid_w,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Forward. Grid: (num_query_tiles * B * H,), tile-major (tiles sorted longest first).
+
+    Q (B, Q, H, D), K/V (B, S, N, H, D) any strides -> O (B, Q, H, D) with unit stride on D,
+    LSE (B, H, Q) fp32 contiguous. qk_scale = softmax_scale * log2(e).
+    """
+    pid = tl.program_id(0)
+    tile = pid // num_bh
+    bh = pid - tile * num_bh
+    b = bh // num_heads
+    h = bh - b * num_heads
+    q_start, rows, qpw, q_phase, s, wh, ww, win_cols, win0, nkeys = _query_tile(TILES, tile)
+    P = wh * ww
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    row_ok = offs_m < rows
+    q_win = (q_phase + offs_m) // qpw
+    qrow = (q_start + offs_m).to(tl.int64)
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    s64 = s.to(tl.int64)
+
+    q = tl.load(
+        Q + b64 * stride_qb + h64 * stride_qh + qrow[:, None] * stride_qq + offs_d[None, :] * stride_qd,
+        mask=row_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
+    k_base = K + b64 * stride_kb + s64 * stride_ks + h64 * stride_kh
+    v_base = V + b64 * stride_vb + s64 * stride_vs + h64 * stride_vh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start in range(0, nkeys, BLOCK_N):
+        j = start + tl.arange(0, BLOCK_N)
+        lw, patch, k_ok = _key_slots(j, nkeys, P, wh, ww, win0, win_cols, grid_w)
+        p64 = patch.to(tl.int64)
+        kv_mask = k_ok[:, None] & d_ok[None, :]
+        kk = tl.load(k_base + p64[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+        vv = tl.load(v_base + p64[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        sc = tl.dot(q, tl.trans(kk), input_precision=DOT_PRECISION) * qk_scale
+        allowed = (q_win[:, None] == lw[None, :]) & k_ok[None, :]
+        sc = tl.where(allowed, sc, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, 1))
+        # a row may see no key of its window in this block: keep its running state unchanged
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(sc - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    l_safe = tl.where(row_ok, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    tl.store(
+        O + b64 * stride_ob + h64 * stride_oh + qrow[:, None] * stride_oq + offs_d[None, :],
+        out.to(O.dtype.element_ty),
+        mask=row_ok[:, None] & d_ok[None, :],
+    )
+    m_safe = tl.where(row_ok, m_i, 0.0)
+    lse = (m_safe + tl.log2(l_safe)) * 0.6931471805599453
+    tl.store(LSE + bh.to(tl.int64) * total_q + qrow, lse, mask=row_ok)
+
+
+@triton.jit
+def window_attention_bwd_dq_kernel(
+    Q, K, V, O, DO, LSE, DELTA, DQ, TILES,
+    stride_qb, stride_qq, stride_qh, stride_qd,
+    stride_kb, stride_ks, stride_kn, stride_kh, stride_kd,
+    stride_vb, stride_vs, stride_vn, stride_vh, stride_vd,
+    stride_ob, stride_oq, stride_oh, stride_od,
+    stride_dob, stride_doq, stride_doh, stride_dod,
+    stride_dqb, stride_dqq, stride_dqh,
+    num_heads, num_bh, total_q, grid_w,
+    sm_scale, qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Backward launch 1: owns query tiles. Writes DELTA = rowsum(dO * O) (B, H, Q) fp32, which
+    launch 2 reads, and DQ (B, Q, H, D) with unit stride on D. Grid as the forward's."""
+    pid = tl.program_id(0)
+    tile = pid // num_bh
+    bh = pid - tile * num_bh
+    b = bh // num_heads
+    h = bh - b * num_heads
+    q_start, rows, qpw, q_phase, s, wh, ww, win_cols, win0, nkeys = _query_tile(TILES, tile)
+    P = wh * ww
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    row_ok = offs_m < rows
+    q_win = (q_phase + offs_m) // qpw
+    qrow = (q_start + offs_m).to(tl.int64)
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    s64 = s.to(tl.int64)
+    qd_mask = row_ok[:, None] & d_ok[None, :]
+
+    q = tl.load(
+        Q + b64 * stride_qb + h64 * stride_qh + qrow[:, None] * stride_qq + offs_d[None, :] * stride_qd,
+        mask=qd_mask, other=0.0,
+    )
+    do = tl.load(
+        DO + b64 * stride_dob + h64 * stride_doh + qrow[:, None] * stride_doq + offs_d[None, :] * stride_dod,
+        mask=qd_mask, other=0.0,
+    )
+    o = tl.load(
+        O + b64 * stride_ob + h64 * stride_oh + qrow[:, None] * stride_oq + offs_d[None, :] * stride_od,
+        mask=qd_mask, other=0.0,
+    )
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    row_stat = bh.to(tl.int64) * total_q + qrow
+    tl.store(DELTA + row_stat, delta, mask=row_ok)
+    lse2 = tl.load(LSE + row_stat, mask=row_ok, other=0.0) * 1.4426950408889634
+
+    k_base = K + b64 * stride_kb + s64 * stride_ks + h64 * stride_kh
+    v_base = V + b64 * stride_vb + s64 * stride_vs + h64 * stride_vh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start in range(0, nkeys, BLOCK_N):
+        j = start + tl.arange(0, BLOCK_N)
+        lw, patch, k_ok = _key_slots(j, nkeys, P, wh, ww, win0, win_cols, grid_w)
+        p64 = patch.to(tl.int64)
+        kv_mask = k_ok[:, None] & d_ok[None, :]
+        kk = tl.load(k_base + p64[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+        vv = tl.load(v_base + p64[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        sc = tl.dot(q, tl.trans(kk), input_precision=DOT_PRECISION) * qk_scale
+        allowed = (q_win[:, None] == lw[None, :]) & k_ok[None, :] & row_ok[:, None]
+        sc = tl.where(allowed, sc, float("-inf"))
+        p = tl.exp2(sc - lse2[:, None])
+        dp = tl.dot(do, tl.trans(vv), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(kk.dtype), kk, input_precision=DOT_PRECISION)
+    dq = dq * sm_scale
+    tl.store(
+        DQ + b64 * stride_dqb + h64 * stride_dqh + qrow[:, None] * stride_dqq + offs_d[None, :],
+        dq.to(DQ.dtype.element_ty),
+        mask=qd_mask,
+    )
+
+
+@triton.jit
+def window_attention_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, KTILES,
+    stride_qb, stride_qq, stride_qh, stride_qd,
+    stride_kb, stride_ks, stride_kn, stride_kh, stride_kd,
+    stride_vb, stride_vs, stride_vn, stride_vh, stride_vd,
+    stride_dob, stride_doq, stride_doh, stride_dod,
+    stride_dkb, stride_dks, stride_dkn, stride_dkh,
+    num_heads, num_bh, total_q, grid_w,
+    sm_scale, qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Backward launch 2: owns key tiles; for its BLOCK_N keys, iterates over the queries of their
+    windows and writes DK, DV (B, S, N, H, D), both with the strides of DK and unit stride on D.
+    Reads DELTA written by launch 1. Grid: (num_key_tiles * B * H,), tile-major."""
+    pid = tl.program_id(0)
+    tile = pid // num_bh
+    bh = pid - tile * num_bh
+    b = bh // num_heads
+    h = bh - b * num_heads
+    t = KTILES + tile * 10
+    k_begin = tl.load(t + 0)
+    k_count = tl.load(t + 1)
+    q_start = tl.load(t + 2)
+    q_total = tl.load(t + 3)
+    qpw = tl.load(t + 4)
+    s = tl.load(t + 5)
+    wh = tl.load(t + 6)
+    ww = tl.load(t + 7)
+    win_cols = tl.load(t + 8)
+    win0 = tl.load(t + 9)
+    P = wh * ww
+
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    s64 = s.to(tl.int64)
+
+    j = k_begin + tl.arange(0, BLOCK_N)
+    lw, patch, k_ok = _key_slots(j, k_begin + k_count, P, wh, ww, win0, win_cols, grid_w)
+    p64 = patch.to(tl.int64)
+    kv_mask = k_ok[:, None] & d_ok[None, :]
+    kk = tl.load(
+        K + b64 * stride_kb + s64 * stride_ks + h64 * stride_kh + p64[:, None] * stride_kn
+        + offs_d[None, :] * stride_kd,
+        mask=kv_mask, other=0.0,
+    )
+    vv = tl.load(
+        V + b64 * stride_vb + s64 * stride_vs + h64 * stride_vh + p64[:, None] * stride_vn
+        + offs_d[None, :] * stride_vd,
+        mask=kv_mask, other=0.0,
+    )
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    q_base = Q + b64 * stride_qb + h64 * stride_qh
+    do_base = DO + b64 * stride_dob + h64 * stride_doh
+    stat_base = bh.to(tl.int64) * total_q
+    for m0 in range(0, q_total, BLOCK_M):
+        mi = m0 + tl.arange(0, BLOCK_M)
+        row_ok = mi < q_total
+        q_win = mi // qpw
+        qrow = (q_start + mi).to(tl.int64)
+        qd_mask = row_ok[:, None] & d_ok[None, :]
+        q = tl.load(q_base + qrow[:, None] * stride_qq + offs_d[None, :] * stride_qd, mask=qd_mask, other=0.0)
+        do = tl.load(do_base + qrow[:, None] * stride_doq + offs_d[None, :] * stride_dod, mask=qd_mask, other=0.0)
+        lse2 = tl.load(LSE + stat_base + qrow, mask=row_ok, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA + stat_base + qrow, mask=row_ok, other=0.0)
+        sc = tl.dot(q, tl.trans(kk), input_precision=DOT_PRECISION) * qk_scale
+        allowed = (q_win[:, None] == lw[None, :]) & row_ok[:, None] & k_ok[None, :]
+        sc = tl.where(allowed, sc, float("-inf"))
+        p = tl.exp2(sc - lse2[:, None])
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
+        dp = tl.dot(do, tl.trans(vv), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+    dk = dk * sm_scale
+
+    out_off = b64 * stride_dkb + s64 * stride_dks + h64 * stride_dkh + p64[:, None] * stride_dkn + offs_d[None, :]
+    tl.store(DK + out_off, dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+__all__ = [
+    "TILE_FIELDS",
+    "window_attention_fwd_kernel",
+    "window_attention_bwd_dq_kernel",
+    "window_attention_bwd_dkdv_kernel",
+]

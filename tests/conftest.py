@@ -1,0 +1,15 @@
+"""Shared test set-up.
+
+Where no CUDA device exists, the Triton kernels run on CPU tensors under the Triton interpreter,
+which must be switched on before triton is first imported: set TRITON_INTERPRET=1 here, before any
+test module imports cos_kernels' Triton backend. Where a CUDA device exists it is left unset, so the
+GPU tests run the compiled kernels (and the interpreter-only CPU tests skip), unless the caller set
+TRITON_INTERPRET explicitly.
+"""
+
+import os
+
+import torch
+
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
