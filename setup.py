@@ -39,6 +39,8 @@ def _cuda_extension_plan():
 build_cuda, reason = _cuda_extension_plan()
 ext_modules, cmdclass = [], {}
 if build_cuda:
+    # PEP 517 builds do not put setup.py's folder on sys.path; cuda_build.py lives beside this file.
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from cuda_build import cuda_extension  # noqa: E402  (csrc build description, beside this file)
 
     ext_modules, cmdclass = cuda_extension()

@@ -1,0 +1,557 @@
+"""The "cuda" backend (CUDA C++ kernels of csrc/, extension cos_kernels._C).
+
+GPU tests (marked ``gpu``; skipped, with the reason, where there is no CUDA device or the extension is
+not built) check values and dq/dk/dv against the float64 loop reference of tests/oracle.py by the
+2x-eager rule, on the same kinds of random layouts as the Triton tests, plus determinism,
+torch.compile(fullgraph=True) and agreement with the Triton backend. Every GPU test fills the
+kernels' outputs with NaN before each launch (the extension's poison hook), so an element no thread
+writes fails the finiteness check.
+
+CPU tests check the error where the extension is missing, the fallback of backend="auto", and run
+the kernels' own code under the CPU emulation of csrc/tests (compiled with g++ here).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from oracle import assert_within_eager_error, random_layout, random_qkv, reference_attention, seeded_rng
+
+from cos_kernels import PRESETS, CoSConfig, MultiScaleResampler, WindowLayout, multiscale_window_attention
+from cos_kernels.ops import _FUSED_MODULES, available_backends, reference, resolve_backend
+from cos_kernels.ops import cuda_backend as cb
+from cos_kernels.ops.registry import registered_kernels
+
+ROOT = Path(__file__).resolve().parents[1]
+HAS_CUDA = torch.cuda.is_available()
+EXTENSION_ERROR = cb.CUDA_KERNEL._ensure_loaded()
+BUILT = EXTENSION_ERROR is None
+
+gpu = pytest.mark.gpu
+needs_gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+needs_extension = pytest.mark.skipif(
+    not BUILT,
+    reason=f"cos_kernels._C is not built ({EXTENSION_ERROR}); build with "
+    "`COS_KERNELS_BUILD_CUDA=1 pip install --no-build-isolation .`",
+)
+
+ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+HEAD_DIMS = (16, 40, 64, 128)
+ALL_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPE_IDS = ["fp32", "fp16", "bf16"]
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs():
+    """Every output buffer of the CUDA kernels starts as NaN in every test (where the extension exists)."""
+    if BUILT:
+        cb.set_poison_outputs(True)
+    yield
+    if BUILT:
+        cb.set_poison_outputs(False)
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+def shrunk_preset(name: str, factor: int) -> WindowLayout:
+    """A preset on a grid ``factor`` times smaller: window sides shrink alike (at least 1 patch),
+    each window keeps its number of queries."""
+    p = PRESETS[name]
+    G = p["grid"]
+    g = G // factor
+    windows, queries = [], []
+    for w, n in zip(p["windows"], p["queries"]):
+        qpw = n // (G // w) ** 2
+        w2 = max(1, w // factor)
+        windows.append(w2)
+        queries.append((g // w2) ** 2 * qpw)
+    return WindowLayout(g, windows, queries)
+
+
+def make_inputs(layout, B, H, D, dtype, device, *, fused_kv, broadcast_q, strided_d=False):
+    """q (B, Q, H, D) (a stride-0 batch broadcast with broadcast_q), k, v (B, S, N, H, D): strided
+    views of one fused (B, N, S, 2, H, D) tensor with fused_kv, or with stride 2 on D with strided_d.
+    All require grad (through their leaves)."""
+    if fused_kv:
+        S, N, Q = layout.num_scales, layout.num_patches, layout.total_queries
+        q = torch.randn(B, Q, H, D, device=device, dtype=dtype, requires_grad=True)
+        kv = torch.randn(B, N, S, 2, H, D, device=device, dtype=dtype, requires_grad=True)
+        k, v = kv[:, :, :, 0].transpose(1, 2), kv[:, :, :, 1].transpose(1, 2)
+    else:
+        q, k, v = random_qkv(layout, B, H, D, dtype, device, requires_grad=True)
+    if broadcast_q:
+        q0 = torch.randn(1, *q.shape[1:], device=device, dtype=dtype, requires_grad=True)
+        q = q0.expand(B, -1, -1, -1)
+        assert B == 1 or q.stride(0) == 0
+    if strided_d:
+        shape = (B, layout.num_scales, layout.num_patches, H, 2 * D)
+        k = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)[..., ::2]
+        v = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)[..., ::2]
+        assert k.stride(-1) == 2
+    return q, k, v
+
+
+def check_case(layout, q, k, v, *, softmax_scale=None, backward=True, backend="cuda"):
+    """Backend out (and dq, dk, dv) vs the float64 oracle, within 2x the eager error + atol.
+    Returns (out, (dq, dk, dv) or None, g)."""
+    dtype = q.dtype
+    atol = ATOL[dtype]
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    out = multiscale_window_attention(q, k, v, layout, softmax_scale=softmax_scale, backend=backend)
+    assert out.dtype == dtype and out.shape == q.shape and out.device == q.device
+
+    leaves64 = [t.detach().double().requires_grad_(backward) for t in (q, k, v)]
+    ref = reference_attention(*leaves64, layout, scale)
+    leaves_e = [t.detach().clone().requires_grad_(backward) for t in (q, k, v)]
+    eager = reference.window_attention(*leaves_e, layout, scale)
+    assert_within_eager_error("out", out, ref, eager, atol)
+    if not backward:
+        return out, None, None
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    grads64 = torch.autograd.grad(ref, leaves64, g.double())
+    grads_e = torch.autograd.grad(eager, leaves_e, g)
+    for name, got, r, e in zip(("dq", "dk", "dv"), grads, grads64, grads_e):
+        assert got.shape == r.shape and got.dtype == dtype
+        assert_within_eager_error(name, got, r, e, atol)
+    return out, grads, g
+
+
+def random_case(rng, layout, dtype, D=None, B=None, H=None):
+    D = rng.choice(HEAD_DIMS) if D is None else D
+    B = rng.randint(1, 3) if B is None else B
+    H = rng.randint(1, 4) if H is None else H
+    fused_kv, broadcast_q = rng.random() < 0.5, rng.random() < 0.3
+    print(f"{layout} B={B} H={H} D={D} {dtype} fused_kv={fused_kv} broadcast_q={broadcast_q}")
+    q, k, v = make_inputs(layout, B, H, D, dtype, "cuda", fused_kv=fused_kv, broadcast_q=broadcast_q)
+    check_case(layout, q, k, v)
+
+
+def reference_lse(q, k, layout, scale):
+    """float64 logsumexp (B, H, Q) of each query's scaled scores over its window."""
+    q, k = q.double(), k.double()
+    gw = layout.grid[1]
+    cols = []
+    for s in range(layout.num_scales):
+        for w in range(layout.windows_per_scale[s]):
+            rows, columns = layout.window_patches(s, w)
+            patches = [y * gw + x for y in rows for x in columns]
+            qpw = layout.queries_per_window[s]
+            start = layout.query_offsets[s] + w * qpw
+            scores = torch.einsum("bqhd,bphd->bhqp", q[:, start : start + qpw], k[:, s, patches]) * scale
+            cols.append(torch.logsumexp(scores, dim=-1))
+    return torch.cat(cols, dim=-1)
+
+
+def _run_python(script: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    return subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+        cwd=str(ROOT), env=env,
+    )
+
+
+# ---- CPU: dispatch, errors, fallback ------------------------------------------------------------
+def test_cuda_is_the_preferred_fused_backend():
+    assert next(iter(_FUSED_MODULES)) == "cuda"
+    assert cb.CUDA_KERNEL.name == "cuda" and registered_kernels()["cuda"] is cb.CUDA_KERNEL
+    assert set(cb.CUDA_KERNEL.dtypes) == {torch.float32, torch.float16, torch.bfloat16}
+    assert cb.CUDA_KERNEL.head_dims == range(16, 129)
+
+
+BLOCK_EXTENSION = """
+import sys
+sys.modules["cos_kernels._C"] = None  # `import cos_kernels._C` raises ImportError, as where it is not built
+import torch, cos_kernels
+from cos_kernels.ops import available_backends, resolve_backend
+layout = cos_kernels.WindowLayout(2, [2], [2])
+q = torch.randn(1, 2, 1, 16); k = torch.randn(1, 1, 4, 1, 16)
+"""
+
+
+def test_backend_cuda_without_extension_raises_how_to_build():
+    """Where cos_kernels._C is missing, backend="cuda" raises a RuntimeError naming the build command
+    (run in a fresh process with the extension blocked, so this holds on GPU machines too)."""
+    res = _run_python(
+        BLOCK_EXTENSION
+        + textwrap.dedent(
+            """
+        for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+            try:
+                cos_kernels.multiscale_window_attention(q.to(device), k.to(device), k.to(device), layout,
+                                                        backend="cuda")
+            except RuntimeError as err:
+                print("ERROR:", err)
+            else:
+                print("NO ERROR on", device)
+        """
+        )
+    )
+    assert res.returncode == 0, res.stderr
+    assert "NO ERROR" not in res.stdout, res.stdout
+    assert "ERROR:" in res.stdout, res.stdout
+    for line in res.stdout.splitlines():
+        assert "backend='cuda'" in line and "cos_kernels._C is not built" in line, line
+        assert "COS_KERNELS_BUILD_CUDA=1 pip install --no-build-isolation ." in line, line
+
+
+def test_auto_falls_back_without_extension():
+    """backend="auto" never picks cuda where the extension is missing (triton or torch instead)."""
+    res = _run_python(
+        BLOCK_EXTENSION
+        + textwrap.dedent(
+            """
+        for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+            names = available_backends(device)
+            chosen = resolve_backend("auto", device)
+            assert "cuda" not in names and chosen != "cuda", (device, names, chosen)
+            assert chosen == (names[0] if device == "cuda" else "torch"), (device, names, chosen)
+            out = cos_kernels.multiscale_window_attention(q.to(device), k.to(device), k.to(device), layout)
+            assert out.shape == q.shape
+            print("OK", device, chosen)
+        """
+        )
+    )
+    assert res.returncode == 0, res.stderr + res.stdout
+    assert "OK cpu torch" in res.stdout, res.stdout
+
+
+def test_unavailable_reason_names_the_problem():
+    reason = cb.CUDA_KERNEL.unavailable_reason(torch.device("cpu"))
+    assert reason is not None
+    if BUILT:
+        assert "CUDA tensors only" in reason and "cpu" in reason
+    else:
+        assert "COS_KERNELS_BUILD_CUDA=1" in reason and "cos_kernels._C" in reason
+        with pytest.raises(RuntimeError, match="COS_KERNELS_BUILD_CUDA=1"):
+            cb.extension()
+    assert resolve_backend("auto", "cpu") == "torch"
+    assert "cuda" not in available_backends("cpu")
+
+
+def _cuda_include_dir() -> Path | None:
+    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        homes.append(str(Path(nvcc).resolve().parents[1]))
+    for home in homes:
+        if home and (Path(home) / "include" / "cuda_fp16.h").is_file():
+            return Path(home) / "include"
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to build the CPU emulation test")
+@pytest.mark.skipif(_cuda_include_dir() is None, reason="needs the CUDA toolkit headers (cuda_fp16.h)")
+def test_kernels_under_cpu_emulation(tmp_path):
+    """The CUDA kernels' own code (csrc/kernels/*.cuh), compiled with g++ against the fiber-based
+    emulation of csrc/tests/emulation.h, matches a float64 loop reference on fixed and random cases
+    (forward and backward, every dtype, odd head dims, strided inputs)."""
+    exe = tmp_path / "test_emulated"
+    build = subprocess.run(
+        ["g++", "-std=c++20", "-O1", f"-I{_cuda_include_dir()}", str(ROOT / "csrc/tests/test_emulated.cpp"),
+         "-o", str(exe)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert build.returncode == 0, build.stderr[-4000:]
+    seed = seeded_rng().randrange(2**31)
+    res = subprocess.run([str(exe), "8", str(seed)], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    assert "cases passed" in res.stdout
+
+
+# ---- GPU ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+@gpu
+@needs_gpu
+@needs_extension
+def test_gpu_presets(preset, dtype):
+    rng = seeded_rng()
+    random_case(rng, CoSConfig.from_preset(preset).layout, dtype, B=rng.randint(1, 4), H=rng.randint(1, 8))
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+@gpu
+@needs_gpu
+@needs_extension
+def test_gpu_presets_shrunk(preset, dtype):
+    rng = seeded_rng()
+    random_case(rng, shrunk_preset(preset, 2), dtype)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("case", range(8))
+@gpu
+@needs_gpu
+@needs_extension
+def test_gpu_random_layouts(case, dtype):
+    """Rectangular grids and windows, 1-3 scales, 1-16 queries per window, 1-4 heads, batch 1-3."""
+    rng = seeded_rng()
+    layout = random_layout(rng, max_scales=3, max_qpw=16, max_grid=32 if case % 2 else 12)
+    random_case(rng, layout, dtype)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("D", HEAD_DIMS + (17, 100))
+@gpu
+@needs_gpu
+@needs_extension
+def test_gpu_head_dims_strided(D, dtype):
+    """Every head dim with fused-KV views + stride-0 q, and with K/V of stride 2 on the head dim;
+    windows with more queries than a block has rows next to 1-query windows."""
+    rng = seeded_rng()
+    layout = WindowLayout(
+        (8, 12), [(8, 12), (2, 3), (1, 2)], [rng.randint(1, 150), 16 * rng.randint(1, 8), 48 * rng.randint(1, 3)]
+    )
+    for fused_kv, broadcast_q, strided_d in ((True, True, False), (False, False, True)):
+        q, k, v = make_inputs(layout, 3, 4, D, dtype, "cuda", fused_kv=fused_kv, broadcast_q=broadcast_q,
+                              strided_d=strided_d)
+        check_case(layout, q, k, v)
+
+
+@gpu
+@needs_gpu
+@needs_extension
+def test_gpu_softmax_scale_and_head_major_q():
+    rng = seeded_rng()
+    layout = random_layout(rng, max_scales=3, max_qpw=16, max_grid=12)
+    B, H, D = 2, 3, 64
+    q = torch.randn(B, H, layout.total_queries, D, device="cuda").transpose(1, 2).requires_grad_()
+    _, k, v = random_qkv(layout, B, H, D, torch.float32, "cuda", requires_grad=True)
+    check_case(layout, q, k, v, softmax_scale=rng.uniform(0.05, 0.5))
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=DTYPE_IDS)
+@gpu
+@needs_gpu
+@needs_extension
+def test_gpu_forward_saves_logsumexp(dtype):
+    rng = seeded_rng()
+    layout = random_layout(rng, max_scales=3, max_qpw=16, max_grid=12)
+    B, H, D = 2, 3, rng.choice(HEAD_DIMS)
+    q, k, v = random_qkv(layout, B, H, D, dtype, "cuda", fused_kv=True)
+    scale = D**-0.5
+    out, lse = cb.CUDA_KERNEL.forward(q, k, v, layout, scale)
+    assert lse.shape == (B, H, layout.total_queries) and lse.dtype == torch.float32
+    assert out.is_contiguous() and lse.is_contiguous()
+    ref = reference_lse(q, k, layout, scale)
+    assert torch.allclose(lse.double(), ref, atol=1e-4, rtol=1e-5), (lse.double() - ref).abs().max()
+
+
+@pytest.mark.parametrize("preset", ["cos-80", "cos-1296"])
+@gpu
+@needs_gpu
+@needs_extension
+def test_gpu_large_batch_bf16(preset):
+    """Benchmark shapes (cos-80 B=256, cos-1296 B=64; 16 heads of 64, bf16), fused K/V views."""
+    seeded_rng()
+    layout = CoSConfig.from_preset(preset).layout
+    B = 256 if preset == "cos-80" else 64
+    q, k, v = make_inputs(layout, B, 16, 64, torch.bfloat16, "cuda", fused_kv=True, broadcast_q=False)
+    check_case(layout, q, k, v)
+
+
+@gpu
+@needs_gpu
+@needs_extension
+@pytest.mark.skipif(HAS_CUDA and torch.cuda.get_device_properties(0).total_memory < 40 * 2**30,
+                    reason="needs a GPU with 40 GiB")
+def test_gpu_over_2_31_elements():
+    """K/V of more than 2**31 elements (int64 offsets): the last images are checked against the oracle."""
+    seeded_rng()
+    layout = WindowLayout(32, [32, 4], [16, 64 * 4])
+    S, N, H, D = layout.num_scales, layout.num_patches, 16, 128
+    B = 2**31 // (S * N * H * D) + 2
+    assert B * S * N * H * D > 2**31
+    kv = torch.randn(B, N, S, 2, H, D, device="cuda", dtype=torch.bfloat16)
+    k, v = kv[:, :, :, 0].transpose(1, 2), kv[:, :, :, 1].transpose(1, 2)
+    q = torch.randn(B, layout.total_queries, H, D, device="cuda", dtype=torch.bfloat16)
+    scale = D**-0.5
+    out, lse = cb.CUDA_KERNEL.forward(q, k, v, layout, scale)
+    g = torch.randn_like(out)
+    dq, dk, dv = cb.CUDA_KERNEL.backward(g, q, k, v, out, lse, layout, scale)
+    tail = slice(B - 2, B)
+    qt, kt, vt = (t[tail].detach().clone().requires_grad_() for t in (q, k, v))
+    check = [t.double().detach().requires_grad_() for t in (qt, kt, vt)]
+    ref = reference_attention(*check, layout, scale)
+    eager = reference.window_attention(qt, kt, vt, layout, scale)
+    atol = ATOL[torch.bfloat16]
+    assert_within_eager_error("out", out[tail], ref, eager, atol)
+    grads64 = torch.autograd.grad(ref, check, g[tail].double())
+    grads_e = torch.autograd.grad(eager, (qt, kt, vt), g[tail])
+    for name, got, r, e in zip(("dq", "dk", "dv"), (dq[tail], dk[tail], dv[tail]), grads64, grads_e):
+        assert_within_eager_error(name, got, r, e, atol)
+    assert torch.isfinite(out).all() and torch.isfinite(dk).all() and torch.isfinite(dv).all()
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=DTYPE_IDS)
+@gpu
+@needs_gpu
+@needs_extension
+def test_gpu_deterministic_backward(dtype):
+    """Backward twice (and more) on the same inputs: bitwise equal dq, dk, dv."""
+    rng = seeded_rng()
+    for layout, B in ((CoSConfig.from_preset("cos-1296").layout, 8), (random_layout(rng, max_grid=16), 3)):
+        q, k, v = make_inputs(layout, B, 16, 64, dtype, "cuda", fused_kv=True, broadcast_q=False)
+        out, lse = cb.CUDA_KERNEL.forward(q, k, v, layout, 0.125)
+        g = torch.randn_like(out)
+        first = cb.CUDA_KERNEL.backward(g, q, k, v, out, lse, layout, 0.125)
+        for a in first:
+            assert a.is_contiguous() and torch.isfinite(a).all()
+        for _ in range(3):
+            again = cb.CUDA_KERNEL.backward(g, q, k, v, out, lse, layout, 0.125)
+            for name, a, b in zip(("dq", "dk", "dv"), first, again):
+                assert torch.equal(a, b), f"{name} differs between two identical backward calls"
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=DTYPE_IDS)
+@gpu
+@needs_gpu
+@needs_extension
+def test_gpu_torch_compile_fullgraph(dtype):
+    """torch.compile(fullgraph=True, inductor) over the op: no graph break, same values and grads."""
+    torch._dynamo.reset()
+    rng = seeded_rng()
+    layout = random_layout(rng, max_scales=3, max_qpw=16, max_grid=12)
+    q, k, v = make_inputs(layout, 2, 4, 64, dtype, "cuda", fused_kv=True, broadcast_q=False)
+
+    def fn(q, k, v):
+        return multiscale_window_attention(q * 1.5, k, v, layout, backend="cuda").float().square().sum(-1)
+
+    compiled = torch.compile(fn, fullgraph=True)
+    got, want = compiled(q, k, v), fn(q, k, v)
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+    g = torch.randn_like(want)
+    for a, b in zip(torch.autograd.grad(got, (q, k, v), g), torch.autograd.grad(want, (q, k, v), g)):
+        torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+
+
+@gpu
+@needs_gpu
+@needs_extension
+def test_gpu_opcheck():
+    """torch.library.opcheck on the extension's op (schema, Meta kernel) and on the shared custom op."""
+    layout = WindowLayout((4, 6), [(4, 6), (2, 3)], [3, 8])
+    q, k, v = make_inputs(layout, 2, 2, 32, torch.float32, "cuda", fused_kv=True, broadcast_q=False)
+    q, k, v = (t.detach() for t in (q, k, v))
+    spec = list(layout.to_spec())
+    torch.library.opcheck(torch.ops.cos_kernels_cuda.window_attention_forward.default, (q, k, v, spec, 0.25))
+    out, lse = torch.ops.cos_kernels_cuda.window_attention_forward(q, k, v, spec, 0.25)
+    g = torch.randn_like(out)
+    torch.library.opcheck(
+        torch.ops.cos_kernels_cuda.window_attention_backward.default, (g, q, k, v, out, lse, spec, 0.25)
+    )
+    qg, kvg = q.clone().requires_grad_(), torch.randn(2, 24, 2, 2, 2, 32, device="cuda", requires_grad=True)
+    kg, vg = kvg[:, :, :, 0].transpose(1, 2), kvg[:, :, :, 1].transpose(1, 2)
+    torch.library.opcheck(torch.ops.cos_kernels.window_attention_forward.default, (qg, kg, vg, spec, 0.25, "cuda"))
+
+
+@gpu
+@needs_gpu
+@needs_extension
+def test_gpu_input_errors_are_clear():
+    layout = WindowLayout(4, [4, 2], [2, 8])
+    q, k, v = random_qkv(layout, 1, 2, 32, torch.float32, "cuda")
+    spec = list(layout.to_spec())
+    op = torch.ops.cos_kernels_cuda.window_attention_forward
+    with pytest.raises(RuntimeError, match=r"k must have shape \(B, S, N, H, D\) = \(1, 2, 16, 2, 32\)"):
+        op(q, k[:, :1], v, spec, 0.25)
+    with pytest.raises(RuntimeError, match="must be a CUDA tensor, got device cpu"):
+        op(q, k.cpu(), v, spec, 0.25)
+    with pytest.raises(RuntimeError, match="must have q's dtype"):
+        op(q, k.half(), v, spec, 0.25)
+    with pytest.raises(RuntimeError, match="float32, float16 or bfloat16"):
+        op(q.double(), k.double(), v.double(), spec, 0.25)
+    with pytest.raises(RuntimeError, match="does not tile the grid"):
+        op(q, k, v, [4, 4, 3, 3, 2], 0.25)
+    with pytest.raises(RuntimeError, match=r"q has 5 queries \(shape \(1, 5, 2, 32\)\) but the layout has 10"):
+        op(q[:, :5], k, v, spec, 0.25)
+    with pytest.raises(RuntimeError, match="head dim D must be in 16..128, got D = 8"):
+        op(q[..., :8], k[..., :8], v[..., :8], spec, 0.25)
+    with pytest.raises(RuntimeError, match="softmax_scale must be a positive finite number"):
+        op(q, k, v, spec, float("nan"))
+    with pytest.raises(RuntimeError, match="cuda backend runs on CUDA tensors only"):
+        multiscale_window_attention(q.cpu(), k.cpu(), v.cpu(), layout, backend="cuda")
+    assert resolve_backend("auto", "cuda") == "cuda"
+
+
+@gpu
+@needs_gpu
+@needs_extension
+def test_gpu_plan_summary():
+    s = cb.extension().plan_summary(list(CoSConfig.from_preset("cos-80").layout.to_spec()), 64)
+    assert s["threads_per_row"] == 4 and s["padded_head_dim"] == 64
+    assert s["q_threads"] % 32 == 0 and s["k_threads"] % 32 == 0
+    assert s["q_tiles"] >= 2 and s["k_tiles"] >= 2
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=DTYPE_IDS)
+@gpu
+@needs_gpu
+@needs_extension
+def test_gpu_agrees_with_triton(dtype):
+    """cuda and triton backends both pass the oracle rule on the same inputs, and agree with each other
+    within the sum of their allowed errors."""
+    pytest.importorskip("triton")
+    if "triton" not in available_backends("cuda"):
+        pytest.skip("the triton backend is not available on this device")
+    rng = seeded_rng()
+    for layout in (CoSConfig.from_preset("cos-80").layout, random_layout(rng, max_scales=3, max_grid=16)):
+        q, k, v = make_inputs(layout, 3, 4, rng.choice(HEAD_DIMS), dtype, "cuda", fused_kv=True, broadcast_q=False)
+        out_c, grads_c, g = check_case(layout, q, k, v, backend="cuda")
+        out_t = multiscale_window_attention(q, k, v, layout, backend="triton")
+        grads_t = torch.autograd.grad(out_t, (q, k, v), g)
+        leaves_e = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        leaves64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+        eager = reference.window_attention(*leaves_e, layout, q.shape[-1] ** -0.5)
+        ref = reference_attention(*leaves64, layout)
+        grads_e = torch.autograd.grad(eager, leaves_e, g)
+        grads64 = torch.autograd.grad(ref, leaves64, g.double())
+        atol = ATOL[dtype]
+        pairs = [("out", out_c, out_t, eager, ref)] + [
+            (n, a, b, e, r) for n, a, b, e, r in zip(("dq", "dk", "dv"), grads_c, grads_t, grads_e, grads64)
+        ]
+        for name, a, b, e, r in pairs:
+            eager_err = (e.double() - r.double()).abs().max().item()
+            diff = (a.double() - b.double()).abs().max().item()
+            assert diff <= 4 * eager_err + 2 * atol, f"{name}: cuda vs triton differ by {diff:.3e}"
+
+
+@gpu
+@needs_gpu
+@needs_extension
+def test_gpu_resampler_cuda_matches_torch_backend():
+    cfg = CoSConfig(grid=(4, 8), windows=[(4, 8), (2, 2)], queries=[3, 16], vision_dim=48, dim=64,
+                    num_heads=2, llm_dim=16, num_levels=2, drop_cls=False)
+    torch.manual_seed(seeded_rng().randrange(2**31))
+    model = MultiScaleResampler(cfg, backend="cuda").cuda()
+    ref = MultiScaleResampler(cfg, backend="torch").cuda()
+    ref.load_state_dict(model.state_dict())
+    feats = [torch.randn(2, 32, 48, device="cuda") for _ in range(2)]
+    y, y_ref = model(feats), ref(feats)
+    torch.testing.assert_close(y, y_ref, atol=1e-4, rtol=1e-4)
+    y.square().sum().backward()
+    y_ref.square().sum().backward()
+    for (name, p), p_ref in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, p_ref.grad, atol=1e-4, rtol=1e-3, msg=name)
+
+
+@gpu
+@needs_gpu
+@needs_extension
+def test_gpu_empty_batch():
+    layout = WindowLayout(4, [4, 2], [2, 8])
+    q, k, v = random_qkv(layout, 0, 2, 32, torch.float16, "cuda")
+    out = multiscale_window_attention(q, k, v, layout, backend="cuda")
+    assert out.shape == q.shape
