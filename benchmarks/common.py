@@ -1,0 +1,419 @@
+"""Shared machinery of the benchmark suites: device and environment, the session's measured
+ceilings (copy bandwidth, dense-matmul throughput), honest timing, peak memory, and extra_info.
+
+Timing method (see benchmarks/README.md):
+  * Every benchmark body runs through ``benchmark.pedantic``: pytest-benchmark's own statistics
+    (min, median, mean, IQR, ...) are the per-call times, and nothing else is reported as "the" time.
+  * GPU: pytest-benchmark's timer is replaced, for that benchmark only, by a CUDA-event timer: each
+    round records an event before and after the call on the current stream and the round's duration
+    is ``start.elapsed_time(end)`` after the end event has completed, as triton.testing.do_bench
+    does. A round's untimed setup (zeroing grads, running the forward of a backward benchmark, and for
+    kernel benchmarks overwriting a 256 MB buffer so L2 holds none of the inputs) is enqueued before
+    the start event. Launch overhead counts where the device would wait for the host, not otherwise.
+  * CPU: the default ``time.perf_counter`` timer; CPU calls are synchronous.
+  * Warm-up (compilation, autotuning, allocator growth) runs before the timed rounds and is not
+    recorded; the number of rounds follows --benchmark-max-time / --benchmark-min-rounds.
+  * With --benchmark-disable every body runs exactly once and nothing is timed (CI smoke run).
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = [
+    "BACKEND_NAMES", "backend_skip_reason", "BenchEnv", "make_env", "time_call", "peak_memory", "record",
+    "check_close", "DTYPES", "param_bytes", "count_matmul_flops", "rel_error", "set_group",
+]
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+# Correctness check run before an implementation is timed (KERNELS.md's testing rule): its error
+# against a float64 reference, relative to the reference's largest magnitude, may be at most twice
+# the error of the eager torch path in the same dtype plus this allowance. A wrong implementation
+# fails its benchmark instead of reporting a flattering number.
+_ALLOWANCE = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 5e-3}
+
+
+# ---- backends -------------------------------------------------------------------------------------
+def _backend_names() -> list[str]:
+    from cos_kernels.ops import BACKENDS
+
+    return list(dict.fromkeys(["torch", "triton", "cuda", *(b for b in BACKENDS if b != "auto")]))
+
+
+# every backend a build may have; those this build or machine lacks are skipped with the reason
+BACKEND_NAMES = _backend_names()
+
+
+def backend_skip_reason(name: str, head_dim: int, interpreted_ok: bool, env: "BenchEnv") -> str | None:
+    """None where backend ``name`` can be benchmarked here, else why not. On a CPU the Triton
+    interpreter (very slow) is only used at cases marked interpreted_ok."""
+    from cos_kernels.ops import BACKENDS, resolve_backend
+
+    if name not in BACKENDS:
+        return f"backend {name!r} is not part of this build of cos_kernels (BACKENDS={list(BACKENDS)})"
+    try:
+        resolve_backend(name, env.device)
+    except (RuntimeError, ValueError) as err:
+        return str(err)
+    if name != "torch":
+        from cos_kernels.ops.registry import get_kernel
+
+        kernel = get_kernel(name)
+        if env.dtype not in kernel.dtypes:
+            return f"backend {name!r} does not support {env.dtype}"
+        if head_dim not in kernel.head_dims:
+            return f"backend {name!r} does not support head dim {head_dim}"
+        if env.device.type == "cpu" and not interpreted_ok:
+            return (f"backend {name!r} runs on CPU only under the Triton interpreter (very slow): "
+                    f"benchmarked at the tiny CPU case only")
+        if env.device.type == "cpu" and env.dtype == torch.bfloat16:
+            return (f"backend {name!r} on CPU runs under the Triton interpreter, which computes bf16 "
+                    f"wrongly (numpy has no bf16); bf16 is benchmarked on a GPU")
+    return None
+
+
+# ---- environment ----------------------------------------------------------------------------------
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def library_versions() -> dict:
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in ("triton", "transformers", "flash_attn", "cos_kernels"):
+        try:
+            module = __import__(name)
+            versions[name] = getattr(module, "__version__", "unknown")
+        except Exception:  # noqa: BLE001 - absent or broken: say so, don't fail the suite
+            versions[name] = None
+    versions["cuda"] = torch.version.cuda
+    return versions
+
+
+@dataclass
+class BenchEnv:
+    """What every benchmark of a session shares: the device, the dtype and the measured ceilings."""
+
+    device: torch.device
+    dtype: torch.dtype
+    device_name: str
+    versions: dict
+    threads: int
+    copy_bytes_per_s: float | None = None  # read + write counted
+    copy_buffer_bytes: int = 0
+    matmul_flops_per_s: float | None = None  # measured lazily (end-to-end MFU)
+    started: str = field(default_factory=lambda: datetime.datetime.now(datetime.timezone.utc).isoformat())
+    l2_flush: torch.Tensor | None = None
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def dtype_name(self) -> str:
+        return DTYPE_NAMES.get(self.dtype, str(self.dtype))
+
+    def synchronize(self) -> None:
+        if self.is_cuda:
+            torch.cuda.synchronize(self.device)
+
+    def flush_l2(self) -> None:
+        """Overwrite a buffer larger than any L2 cache (GPU only; enqueued, not synchronised)."""
+        if self.is_cuda:
+            if self.l2_flush is None:
+                self.l2_flush = torch.empty(256 * 2**20, dtype=torch.uint8, device=self.device)
+            self.l2_flush.zero_()
+
+    def common_info(self) -> dict:
+        return {
+            "device": str(self.device),
+            "device_name": self.device_name,
+            "dtype": self.dtype_name,
+            "versions": self.versions,
+            "threads": self.threads,
+            "copy_GBps": None if self.copy_bytes_per_s is None else self.copy_bytes_per_s / 1e9,
+            "copy_buffer_MiB": self.copy_buffer_bytes / 2**20,
+            "session_started": self.started,
+        }
+
+    def matmul_peak(self) -> float:
+        """Dense-matmul throughput of this device and dtype (FLOP/s), measured once per session."""
+        if self.matmul_flops_per_s is None:
+            self.matmul_flops_per_s = measure_matmul(self)
+        return self.matmul_flops_per_s
+
+
+def make_env(device: str, dtype: torch.dtype, measure: bool = True) -> BenchEnv:
+    device = torch.device(device)
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        name = torch.cuda.get_device_name(device)
+        props = torch.cuda.get_device_properties(device)
+        name = f"{name} ({props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs)"
+    else:
+        name = f"{_cpu_name()} ({os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()})"
+    env = BenchEnv(device=device, dtype=dtype, device_name=name, versions=library_versions(),
+                   threads=torch.get_num_threads())
+    if measure:
+        env.copy_bytes_per_s, env.copy_buffer_bytes = measure_copy(env)
+    return env
+
+
+# ---- measured ceilings ----------------------------------------------------------------------------
+def _median_time(env: BenchEnv, fn, reps: int) -> float:
+    """Median seconds of fn() over reps calls, synchronised (CUDA events on a GPU)."""
+    times = []
+    for _ in range(reps):
+        if env.is_cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def measure_copy(env: BenchEnv) -> tuple[float, int]:
+    """Device-to-device copy bandwidth, read + write counted: 1 GiB on a GPU, 64 MiB on a CPU."""
+    nbytes = 2**30 if env.is_cuda else 64 * 2**20
+    src = torch.empty(nbytes, dtype=torch.uint8, device=env.device).fill_(1)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    env.synchronize()
+    t = _median_time(env, lambda: dst.copy_(src), 20 if env.is_cuda else 10)
+    del src, dst
+    if env.is_cuda:
+        torch.cuda.empty_cache()
+    return 2 * nbytes / t, nbytes
+
+
+def measure_matmul(env: BenchEnv) -> float:
+    """Dense matmul throughput in the session dtype (8192^3 on a GPU, 1024^3 on a CPU)."""
+    n = 8192 if env.is_cuda else 1024
+    dtype = env.dtype
+    a = torch.randn(n, n, device=env.device, dtype=dtype)
+    b = torch.randn(n, n, device=env.device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    env.synchronize()
+    t = _median_time(env, lambda: a @ b, 20 if env.is_cuda else 5)
+    return 2 * n**3 / t
+
+
+# ---- timing ---------------------------------------------------------------------------------------
+class _CudaStamp:
+    """A CUDA event recorded on the current stream; ``end - start`` is the elapsed seconds."""
+
+    __slots__ = ("event",)
+
+    def __init__(self):
+        self.event = torch.cuda.Event(enable_timing=True)
+        self.event.record()
+
+    def __sub__(self, other: "_CudaStamp") -> float:
+        self.event.synchronize()
+        return other.event.elapsed_time(self.event) / 1e3
+
+
+def cuda_event_timer() -> _CudaStamp:
+    """pytest-benchmark timer for device work: a CUDA event instead of a host clock reading."""
+    return _CudaStamp()
+
+
+def _rounds(benchmark, estimate_s: float, cap: int = 1000) -> int:
+    max_time = float(getattr(benchmark, "_max_time", 1.0) or 1.0)
+    min_rounds = int(getattr(benchmark, "_min_rounds", 5) or 5)
+    return max(min_rounds, min(cap, math.ceil(max_time / max(estimate_s, 1e-7))))
+
+
+def time_call(benchmark, env: BenchEnv, fn, setup=None, *, flush_l2: bool = False,
+              min_warmup_s: float = 0.025):
+    """Benchmark ``fn(state)`` where ``state = setup()`` (untimed, every round) or None.
+
+    Returns pytest-benchmark's Stats (median etc., seconds), or None under --benchmark-disable
+    (then the body ran exactly once).
+    """
+
+    def make_state():
+        state = setup() if setup is not None else None
+        if flush_l2:
+            env.flush_l2()
+        return (state,), {}
+
+    benchmark.extra_info["l2_flushed_between_rounds"] = bool(flush_l2 and env.is_cuda)
+    if benchmark.disabled:
+        benchmark.pedantic(fn, setup=make_state, rounds=1)
+        return None
+
+    # warm-up: at least two calls on a GPU (one on a CPU) and min_warmup_s of work (compilation,
+    # autotuning, caches)
+    warm, spent, min_warm = 0, 0.0, (2 if env.is_cuda else 1)
+    while warm < min_warm or (spent < min_warmup_s and warm < 100):
+        (state,), _ = make_state()
+        env.synchronize()
+        t0 = time.perf_counter()
+        fn(state)
+        env.synchronize()
+        spent += time.perf_counter() - t0
+        warm += 1
+    del state
+    estimate = spent / warm
+    if env.is_cuda:
+        # device time per call, as the timed rounds will see it
+        (state,), _ = make_state()
+        estimate = _median_time(env, lambda: fn(state), 1)
+        del state
+        if hasattr(benchmark, "_timer"):
+            benchmark._timer = cuda_event_timer
+    benchmark.pedantic(fn, setup=make_state, rounds=_rounds(benchmark, estimate), warmup_rounds=0)
+    env.synchronize()
+    return benchmark.stats.stats if benchmark.stats is not None else None
+
+
+def timer_name(benchmark, env: BenchEnv) -> str:
+    if env.is_cuda and getattr(benchmark, "_timer", None) is cuda_event_timer:
+        return "cuda-events (device time per call; L2 flushed before each round where l2_flushed_between_rounds)"
+    return "time.perf_counter (host wall time per synchronous call)"
+
+
+# ---- peak memory ----------------------------------------------------------------------------------
+def _cpu_peak(fn) -> int | None:
+    """High-water mark of bytes allocated by torch during fn(), above what was allocated before, from
+    the profiler's allocation records (profile_memory=True): each op's own allocations (+) and frees
+    (-) placed at its start (+) or end (-), summed in time order. None where the profiler fails."""
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+        points = []
+        for e in prof.events():
+            m = e.self_cpu_memory_usage
+            if m:
+                points.append((e.time_range.start if m > 0 else e.time_range.end, m))
+        points.sort()
+        cur = peak = 0
+        for _, m in points:
+            cur += m
+            peak = max(peak, cur)
+        return int(peak)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def peak_memory(benchmark, env: BenchEnv, fn, setup=None) -> dict:
+    """Peak memory of one call of fn(setup()) above what was allocated before it (setup excluded).
+
+    GPU: torch.cuda.max_memory_allocated after reset_peak_memory_stats. CPU: the profiler estimate
+    of _cpu_peak. Skipped (None) under --benchmark-disable."""
+    if benchmark.disabled:
+        return {"peak_mem_bytes": None, "peak_mem_method": "not measured (--benchmark-disable)"}
+    state = setup() if setup is not None else None
+    if env.is_cuda:
+        env.synchronize()
+        base = torch.cuda.memory_allocated(env.device)
+        torch.cuda.reset_peak_memory_stats(env.device)
+        fn(state)
+        env.synchronize()
+        peak = torch.cuda.max_memory_allocated(env.device)
+        return {"peak_mem_bytes": int(peak - base), "peak_mem_total_bytes": int(peak),
+                "peak_mem_method": "torch.cuda.max_memory_allocated minus memory_allocated before the call"}
+    peak = _cpu_peak(lambda: fn(state))
+    return {"peak_mem_bytes": peak, "peak_mem_total_bytes": None,
+            "peak_mem_method": "torch.profiler(profile_memory=True) allocation records, high-water mark "
+                               "above the allocations before the call" if peak is not None else
+                               "unavailable (the profiler failed)"}
+
+
+# ---- results --------------------------------------------------------------------------------------
+def record(benchmark, env: BenchEnv, stats, *, suite: str, case: str, impl: str, pass_: str,
+           bytes_floor: float | None = None, flops: float | None = None, **info) -> None:
+    """Fill benchmark.extra_info: identity, environment, floor bytes and FLOPs, and the rates they
+    give at the median time (None where nothing was timed)."""
+    median = None if stats is None else float(stats.median)
+    extra = benchmark.extra_info
+    extra.update(env.common_info())
+    extra.update(suite=suite, case=case, impl=impl, pass_=pass_, timer=timer_name(benchmark, env),
+                 median_s=median, bytes_floor=bytes_floor, flops=flops)
+    gbps = tflops = frac = None
+    if median and bytes_floor:
+        gbps = bytes_floor / median / 1e9
+        if env.copy_bytes_per_s:
+            frac = bytes_floor / median / env.copy_bytes_per_s
+    if median and flops:
+        tflops = flops / median / 1e12
+    extra.update(achieved_GBps=gbps, copy_bw_fraction=frac, achieved_TFLOPs=tflops)
+    extra.update(info)
+
+
+def set_group(benchmark, suite: str, case: str, pass_: str) -> None:
+    """pytest-benchmark's group (its console tables); must be set before the benchmark runs."""
+    benchmark.group = f"{suite} | {case} | {pass_}"
+
+
+def rel_error(got: torch.Tensor, ref: torch.Tensor, what: str) -> float:
+    """Max |got - ref| relative to max |ref| (computed in float64)."""
+    got, ref = got.detach().double(), ref.detach().double()
+    if got.shape != ref.shape:
+        raise AssertionError(f"{what}: shape {tuple(got.shape)} != reference {tuple(ref.shape)}")
+    if not torch.isfinite(got).all():
+        raise AssertionError(f"{what}: non-finite values")
+    scale = ref.abs().max().item() or 1.0
+    return (got - ref).abs().max().item() / scale
+
+
+def check_close(got: torch.Tensor, ref: torch.Tensor, what: str, dtype: torch.dtype,
+                eager_error: float) -> dict:
+    """Error of ``got`` against the float64 ``ref``, at most 2 * eager_error + the dtype's allowance;
+    raises AssertionError otherwise. Returns {"error", "limit"}."""
+    err = rel_error(got, ref, what)
+    limit = 2 * eager_error + _ALLOWANCE.get(dtype, 1e-3)
+    if err > limit:
+        raise AssertionError(
+            f"{what}: max error {err:.3g} (relative to max |ref|) exceeds {limit:.3g} = 2 x the eager "
+            f"torch error {eager_error:.3g} + {_ALLOWANCE.get(dtype, 1e-3):g}"
+        )
+    return {"error": err, "limit": limit}
+
+
+def param_bytes(module: torch.nn.Module, trainable: bool | None = None) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters()
+               if trainable is None or p.requires_grad == trainable)
+
+
+def count_matmul_flops(fn) -> float | None:
+    """FLOPs of the matrix products fn() runs (forward and backward if it runs one), counted by
+    torch.utils.flop_counter, attention ops excluded (callers add attention FLOPs analytically, the
+    same way for every implementation)."""
+    try:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        counts = counter.get_flop_counts().get("Global", {})
+        return float(sum(v for op, v in counts.items() if "attention" not in str(op)))
+    except Exception:  # noqa: BLE001
+        return None
