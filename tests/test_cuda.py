@@ -2,10 +2,13 @@
 
 GPU tests (marked ``gpu``; skipped, with the reason, where there is no CUDA device or the extension is
 not built) check values and dq/dk/dv against the float64 loop reference of tests/oracle.py by the
-2x-eager rule, on the same kinds of random layouts as the Triton tests, plus determinism,
-torch.compile(fullgraph=True) and agreement with the Triton backend. Every GPU test fills the
-kernels' outputs with NaN before each launch (the extension's poison hook), so an element no thread
-writes fails the finiteness check.
+2x-eager rule. The ones shared with the Triton backend (full presets, random layouts, head dims with
+strided inputs, large batches, over 2**31 elements, deterministic backward) are in
+tests/test_fused_backends_gpu.py; here are shrunk presets, a head-major q, the saved logsumexp,
+torch.compile(fullgraph=True), opcheck, input errors, the plan summary and agreement with the Triton
+backend. Every GPU test fills the kernels' outputs with NaN before each launch (the extension's
+poison hook, kernel_cases.poisoned_outputs), so an element no thread writes fails the finiteness
+check.
 
 CPU tests check the error where the extension is missing, the fallback of backend="auto", and run
 the kernels' own code under the CPU emulation of csrc/tests (compiled with g++ here).
@@ -16,147 +19,50 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 
-from oracle import assert_within_eager_error, random_layout, random_qkv, reference_attention, seeded_rng
+from kernel_cases import (
+    ALL_DTYPES,
+    ATOL,
+    DTYPE_IDS,
+    HAS_CUDA,
+    HEAD_DIMS,
+    ROOT,
+    assert_same_values_and_grads,
+    check_case,
+    check_resampler_matches_torch_backend,
+    extension_error,
+    extension_missing_reason,
+    make_inputs,
+    poisoned_outputs,
+    random_case,
+    reference_lse,
+    run_python,
+    shrunk_preset,
+)
+from oracle import random_layout, random_qkv, reference_attention, seeded_rng
 
-from cos_kernels import PRESETS, CoSConfig, MultiScaleResampler, WindowLayout, multiscale_window_attention
+from cos_kernels import PRESETS, CoSConfig, WindowLayout, multiscale_window_attention
 from cos_kernels.ops import _FUSED_MODULES, available_backends, reference, resolve_backend
 from cos_kernels.ops import cuda_backend as cb
 from cos_kernels.ops.registry import registered_kernels
 
-ROOT = Path(__file__).resolve().parents[1]
-HAS_CUDA = torch.cuda.is_available()
-EXTENSION_ERROR = cb.CUDA_KERNEL._ensure_loaded()
-BUILT = EXTENSION_ERROR is None
+BUILT = extension_error() is None
 
 gpu = pytest.mark.gpu
 needs_gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
-needs_extension = pytest.mark.skipif(
-    not BUILT,
-    reason=f"cos_kernels._C is not built ({EXTENSION_ERROR}); build with "
-    "`COS_KERNELS_BUILD_CUDA=1 pip install --no-build-isolation .`",
-)
-
-ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
-HEAD_DIMS = (16, 40, 64, 128)
-ALL_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-DTYPE_IDS = ["fp32", "fp16", "bf16"]
+needs_extension = pytest.mark.skipif(not BUILT, reason=extension_missing_reason())
 
 
 @pytest.fixture(autouse=True)
 def poison_outputs():
     """Every output buffer of the CUDA kernels starts as NaN in every test (where the extension exists)."""
-    if BUILT:
-        cb.set_poison_outputs(True)
-    yield
-    if BUILT:
-        cb.set_poison_outputs(False)
-
-
-# ---- helpers ------------------------------------------------------------------------------------
-def shrunk_preset(name: str, factor: int) -> WindowLayout:
-    """A preset on a grid ``factor`` times smaller: window sides shrink alike (at least 1 patch),
-    each window keeps its number of queries."""
-    p = PRESETS[name]
-    G = p["grid"]
-    g = G // factor
-    windows, queries = [], []
-    for w, n in zip(p["windows"], p["queries"]):
-        qpw = n // (G // w) ** 2
-        w2 = max(1, w // factor)
-        windows.append(w2)
-        queries.append((g // w2) ** 2 * qpw)
-    return WindowLayout(g, windows, queries)
-
-
-def make_inputs(layout, B, H, D, dtype, device, *, fused_kv, broadcast_q, strided_d=False):
-    """q (B, Q, H, D) (a stride-0 batch broadcast with broadcast_q), k, v (B, S, N, H, D): strided
-    views of one fused (B, N, S, 2, H, D) tensor with fused_kv, or with stride 2 on D with strided_d.
-    All require grad (through their leaves)."""
-    if fused_kv:
-        S, N, Q = layout.num_scales, layout.num_patches, layout.total_queries
-        q = torch.randn(B, Q, H, D, device=device, dtype=dtype, requires_grad=True)
-        kv = torch.randn(B, N, S, 2, H, D, device=device, dtype=dtype, requires_grad=True)
-        k, v = kv[:, :, :, 0].transpose(1, 2), kv[:, :, :, 1].transpose(1, 2)
-    else:
-        q, k, v = random_qkv(layout, B, H, D, dtype, device, requires_grad=True)
-    if broadcast_q:
-        q0 = torch.randn(1, *q.shape[1:], device=device, dtype=dtype, requires_grad=True)
-        q = q0.expand(B, -1, -1, -1)
-        assert B == 1 or q.stride(0) == 0
-    if strided_d:
-        shape = (B, layout.num_scales, layout.num_patches, H, 2 * D)
-        k = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)[..., ::2]
-        v = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)[..., ::2]
-        assert k.stride(-1) == 2
-    return q, k, v
-
-
-def check_case(layout, q, k, v, *, softmax_scale=None, backward=True, backend="cuda"):
-    """Backend out (and dq, dk, dv) vs the float64 oracle, within 2x the eager error + atol.
-    Returns (out, (dq, dk, dv) or None, g)."""
-    dtype = q.dtype
-    atol = ATOL[dtype]
-    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
-    out = multiscale_window_attention(q, k, v, layout, softmax_scale=softmax_scale, backend=backend)
-    assert out.dtype == dtype and out.shape == q.shape and out.device == q.device
-
-    leaves64 = [t.detach().double().requires_grad_(backward) for t in (q, k, v)]
-    ref = reference_attention(*leaves64, layout, scale)
-    leaves_e = [t.detach().clone().requires_grad_(backward) for t in (q, k, v)]
-    eager = reference.window_attention(*leaves_e, layout, scale)
-    assert_within_eager_error("out", out, ref, eager, atol)
-    if not backward:
-        return out, None, None
-    g = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (q, k, v), g)
-    grads64 = torch.autograd.grad(ref, leaves64, g.double())
-    grads_e = torch.autograd.grad(eager, leaves_e, g)
-    for name, got, r, e in zip(("dq", "dk", "dv"), grads, grads64, grads_e):
-        assert got.shape == r.shape and got.dtype == dtype
-        assert_within_eager_error(name, got, r, e, atol)
-    return out, grads, g
-
-
-def random_case(rng, layout, dtype, D=None, B=None, H=None):
-    D = rng.choice(HEAD_DIMS) if D is None else D
-    B = rng.randint(1, 3) if B is None else B
-    H = rng.randint(1, 4) if H is None else H
-    fused_kv, broadcast_q = rng.random() < 0.5, rng.random() < 0.3
-    print(f"{layout} B={B} H={H} D={D} {dtype} fused_kv={fused_kv} broadcast_q={broadcast_q}")
-    q, k, v = make_inputs(layout, B, H, D, dtype, "cuda", fused_kv=fused_kv, broadcast_q=broadcast_q)
-    check_case(layout, q, k, v)
-
-
-def reference_lse(q, k, layout, scale):
-    """float64 logsumexp (B, H, Q) of each query's scaled scores over its window."""
-    q, k = q.double(), k.double()
-    gw = layout.grid[1]
-    cols = []
-    for s in range(layout.num_scales):
-        for w in range(layout.windows_per_scale[s]):
-            rows, columns = layout.window_patches(s, w)
-            patches = [y * gw + x for y in rows for x in columns]
-            qpw = layout.queries_per_window[s]
-            start = layout.query_offsets[s] + w * qpw
-            scores = torch.einsum("bqhd,bphd->bhqp", q[:, start : start + qpw], k[:, s, patches]) * scale
-            cols.append(torch.logsumexp(scores, dim=-1))
-    return torch.cat(cols, dim=-1)
-
-
-def _run_python(script: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
-    return subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-        cwd=str(ROOT), env=env,
-    )
+    with poisoned_outputs("cuda"):
+        yield
 
 
 # ---- CPU: dispatch, errors, fallback ------------------------------------------------------------
@@ -180,7 +86,7 @@ q = torch.randn(1, 2, 1, 16); k = torch.randn(1, 1, 4, 1, 16)
 def test_backend_cuda_without_extension_raises_how_to_build():
     """Where cos_kernels._C is missing, backend="cuda" raises a RuntimeError naming the build command
     (run in a fresh process with the extension blocked, so this holds on GPU machines too)."""
-    res = _run_python(
+    res = run_python(
         BLOCK_EXTENSION
         + textwrap.dedent(
             """
@@ -205,7 +111,7 @@ def test_backend_cuda_without_extension_raises_how_to_build():
 
 def test_auto_falls_back_without_extension():
     """backend="auto" never picks cuda where the extension is missing (triton or torch instead)."""
-    res = _run_python(
+    res = run_python(
         BLOCK_EXTENSION
         + textwrap.dedent(
             """
@@ -274,49 +180,9 @@ def test_kernels_under_cpu_emulation(tmp_path):
 @gpu
 @needs_gpu
 @needs_extension
-def test_gpu_presets(preset, dtype):
-    rng = seeded_rng()
-    random_case(rng, CoSConfig.from_preset(preset).layout, dtype, B=rng.randint(1, 4), H=rng.randint(1, 8))
-
-
-@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("preset", sorted(PRESETS))
-@gpu
-@needs_gpu
-@needs_extension
 def test_gpu_presets_shrunk(preset, dtype):
     rng = seeded_rng()
-    random_case(rng, shrunk_preset(preset, 2), dtype)
-
-
-@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("case", range(8))
-@gpu
-@needs_gpu
-@needs_extension
-def test_gpu_random_layouts(case, dtype):
-    """Rectangular grids and windows, 1-3 scales, 1-16 queries per window, 1-4 heads, batch 1-3."""
-    rng = seeded_rng()
-    layout = random_layout(rng, max_scales=3, max_qpw=16, max_grid=32 if case % 2 else 12)
-    random_case(rng, layout, dtype)
-
-
-@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("D", HEAD_DIMS + (17, 100))
-@gpu
-@needs_gpu
-@needs_extension
-def test_gpu_head_dims_strided(D, dtype):
-    """Every head dim with fused-KV views + stride-0 q, and with K/V of stride 2 on the head dim;
-    windows with more queries than a block has rows next to 1-query windows."""
-    rng = seeded_rng()
-    layout = WindowLayout(
-        (8, 12), [(8, 12), (2, 3), (1, 2)], [rng.randint(1, 150), 16 * rng.randint(1, 8), 48 * rng.randint(1, 3)]
-    )
-    for fused_kv, broadcast_q, strided_d in ((True, True, False), (False, False, True)):
-        q, k, v = make_inputs(layout, 3, 4, D, dtype, "cuda", fused_kv=fused_kv, broadcast_q=broadcast_q,
-                              strided_d=strided_d)
-        check_case(layout, q, k, v)
+    random_case(rng, shrunk_preset(preset, 2), dtype, "cuda", backend="cuda")
 
 
 @gpu
@@ -328,7 +194,7 @@ def test_gpu_softmax_scale_and_head_major_q():
     B, H, D = 2, 3, 64
     q = torch.randn(B, H, layout.total_queries, D, device="cuda").transpose(1, 2).requires_grad_()
     _, k, v = random_qkv(layout, B, H, D, torch.float32, "cuda", requires_grad=True)
-    check_case(layout, q, k, v, softmax_scale=rng.uniform(0.05, 0.5))
+    check_case(layout, q, k, v, backend="cuda", softmax_scale=rng.uniform(0.05, 0.5))
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=DTYPE_IDS)
@@ -348,72 +214,6 @@ def test_gpu_forward_saves_logsumexp(dtype):
     assert torch.allclose(lse.double(), ref, atol=1e-4, rtol=1e-5), (lse.double() - ref).abs().max()
 
 
-@pytest.mark.parametrize("preset", ["cos-80", "cos-1296"])
-@gpu
-@needs_gpu
-@needs_extension
-def test_gpu_large_batch_bf16(preset):
-    """Benchmark shapes (cos-80 B=256, cos-1296 B=64; 16 heads of 64, bf16), fused K/V views."""
-    seeded_rng()
-    layout = CoSConfig.from_preset(preset).layout
-    B = 256 if preset == "cos-80" else 64
-    q, k, v = make_inputs(layout, B, 16, 64, torch.bfloat16, "cuda", fused_kv=True, broadcast_q=False)
-    check_case(layout, q, k, v)
-
-
-@gpu
-@needs_gpu
-@needs_extension
-@pytest.mark.skipif(HAS_CUDA and torch.cuda.get_device_properties(0).total_memory < 40 * 2**30,
-                    reason="needs a GPU with 40 GiB")
-def test_gpu_over_2_31_elements():
-    """K/V of more than 2**31 elements (int64 offsets): the last images are checked against the oracle."""
-    seeded_rng()
-    layout = WindowLayout(32, [32, 4], [16, 64 * 4])
-    S, N, H, D = layout.num_scales, layout.num_patches, 16, 128
-    B = 2**31 // (S * N * H * D) + 2
-    assert B * S * N * H * D > 2**31
-    kv = torch.randn(B, N, S, 2, H, D, device="cuda", dtype=torch.bfloat16)
-    k, v = kv[:, :, :, 0].transpose(1, 2), kv[:, :, :, 1].transpose(1, 2)
-    q = torch.randn(B, layout.total_queries, H, D, device="cuda", dtype=torch.bfloat16)
-    scale = D**-0.5
-    out, lse = cb.CUDA_KERNEL.forward(q, k, v, layout, scale)
-    g = torch.randn_like(out)
-    dq, dk, dv = cb.CUDA_KERNEL.backward(g, q, k, v, out, lse, layout, scale)
-    tail = slice(B - 2, B)
-    qt, kt, vt = (t[tail].detach().clone().requires_grad_() for t in (q, k, v))
-    check = [t.double().detach().requires_grad_() for t in (qt, kt, vt)]
-    ref = reference_attention(*check, layout, scale)
-    eager = reference.window_attention(qt, kt, vt, layout, scale)
-    atol = ATOL[torch.bfloat16]
-    assert_within_eager_error("out", out[tail], ref, eager, atol)
-    grads64 = torch.autograd.grad(ref, check, g[tail].double())
-    grads_e = torch.autograd.grad(eager, (qt, kt, vt), g[tail])
-    for name, got, r, e in zip(("dq", "dk", "dv"), (dq[tail], dk[tail], dv[tail]), grads64, grads_e):
-        assert_within_eager_error(name, got, r, e, atol)
-    assert torch.isfinite(out).all() and torch.isfinite(dk).all() and torch.isfinite(dv).all()
-
-
-@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=DTYPE_IDS)
-@gpu
-@needs_gpu
-@needs_extension
-def test_gpu_deterministic_backward(dtype):
-    """Backward twice (and more) on the same inputs: bitwise equal dq, dk, dv."""
-    rng = seeded_rng()
-    for layout, B in ((CoSConfig.from_preset("cos-1296").layout, 8), (random_layout(rng, max_grid=16), 3)):
-        q, k, v = make_inputs(layout, B, 16, 64, dtype, "cuda", fused_kv=True, broadcast_q=False)
-        out, lse = cb.CUDA_KERNEL.forward(q, k, v, layout, 0.125)
-        g = torch.randn_like(out)
-        first = cb.CUDA_KERNEL.backward(g, q, k, v, out, lse, layout, 0.125)
-        for a in first:
-            assert a.is_contiguous() and torch.isfinite(a).all()
-        for _ in range(3):
-            again = cb.CUDA_KERNEL.backward(g, q, k, v, out, lse, layout, 0.125)
-            for name, a, b in zip(("dq", "dk", "dv"), first, again):
-                assert torch.equal(a, b), f"{name} differs between two identical backward calls"
-
-
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=DTYPE_IDS)
 @gpu
 @needs_gpu
@@ -431,10 +231,7 @@ def test_gpu_torch_compile_fullgraph(dtype):
     compiled = torch.compile(fn, fullgraph=True)
     got, want = compiled(q, k, v), fn(q, k, v)
     tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
-    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
-    g = torch.randn_like(want)
-    for a, b in zip(torch.autograd.grad(got, (q, k, v), g), torch.autograd.grad(want, (q, k, v), g)):
-        torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+    assert_same_values_and_grads(got, want, (q, k, v), tol)
 
 
 @gpu
@@ -534,17 +331,10 @@ def test_gpu_agrees_with_triton(dtype):
 def test_gpu_resampler_cuda_matches_torch_backend():
     cfg = CoSConfig(grid=(4, 8), windows=[(4, 8), (2, 2)], queries=[3, 16], vision_dim=48, dim=64,
                     num_heads=2, llm_dim=16, num_levels=2, drop_cls=False)
-    torch.manual_seed(seeded_rng().randrange(2**31))
-    model = MultiScaleResampler(cfg, backend="cuda").cuda()
-    ref = MultiScaleResampler(cfg, backend="torch").cuda()
-    ref.load_state_dict(model.state_dict())
-    feats = [torch.randn(2, 32, 48, device="cuda") for _ in range(2)]
-    y, y_ref = model(feats), ref(feats)
-    torch.testing.assert_close(y, y_ref, atol=1e-4, rtol=1e-4)
-    y.square().sum().backward()
-    y_ref.square().sum().backward()
-    for (name, p), p_ref in zip(model.named_parameters(), ref.parameters()):
-        torch.testing.assert_close(p.grad, p_ref.grad, atol=1e-4, rtol=1e-3, msg=name)
+    check_resampler_matches_torch_backend(
+        cfg, "cuda", "cuda", lambda: [torch.randn(2, 32, 48, device="cuda") for _ in range(2)],
+        tol=(1e-4, 1e-4), grad_tol=(1e-4, 1e-3),
+    )
 
 
 @gpu

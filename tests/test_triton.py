@@ -2,21 +2,34 @@
 
 CPU tests run the kernels under the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1
 where no CUDA device exists); they are sized small because the interpreter runs each program in
-Python. GPU tests (marked ``gpu``) run the compiled kernels and add bf16, large batches and a case
-over 2**31 elements. Every correctness test pre-fills the kernels' outputs with NaN (the backend's
-POISON_OUTPUTS hook), so an element no program writes fails the finiteness check.
+Python. The GPU tests shared with the "cuda" backend (full presets, random layouts, head dims, large
+batches, over 2**31 elements, deterministic backward) are in tests/test_fused_backends_gpu.py; the
+one GPU test here compiles the resampler with inductor under autocast. Every correctness test
+pre-fills the kernels' outputs with NaN (the backend's POISON_OUTPUTS hook, through
+kernel_cases.poisoned_outputs), so an element no program writes fails the finiteness check.
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 
+from kernel_cases import (
+    ATOL,
+    HAS_CUDA,
+    HEAD_DIMS,
+    assert_same_values_and_grads,
+    check_case,
+    check_resampler_matches_torch_backend,
+    make_inputs,
+    poisoned_outputs,
+    random_case,
+    reference_lse,
+    run_python,
+    shrunk_preset,
+)
 from oracle import assert_within_eager_error, random_layout, random_qkv, reference_attention, seeded_rng
 
 pytest.importorskip("triton")
@@ -25,7 +38,6 @@ from cos_kernels import PRESETS, CoSConfig, MultiScaleResampler, WindowLayout, m
 from cos_kernels.ops import available_backends, reference, resolve_backend  # noqa: E402
 from cos_kernels.ops import triton_backend as tb  # noqa: E402
 
-HAS_CUDA = torch.cuda.is_available()
 INTERPRETED = tb._interpreted()
 
 interp = pytest.mark.skipif(
@@ -33,9 +45,6 @@ interp = pytest.mark.skipif(
     reason="CPU tests need TRITON_INTERPRET=1 before triton is imported (conftest sets it where no "
     "CUDA device exists)",
 )
-
-ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
-HEAD_DIMS = (16, 40, 64, 128)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -48,27 +57,13 @@ def one_torch_thread():
 
 
 @pytest.fixture(autouse=True)
-def poison_outputs(monkeypatch):
+def poison_outputs():
     """Every output buffer of the kernels starts as NaN in every test."""
-    monkeypatch.setattr(tb, "POISON_OUTPUTS", True)
+    with poisoned_outputs("triton"):
+        yield
 
 
 # ---- helpers ------------------------------------------------------------------------------------
-def shrunk_preset(name: str, factor: int) -> WindowLayout:
-    """A preset on a grid ``factor`` times smaller: window sides shrink alike (at least 1 patch),
-    each window keeps its number of queries."""
-    p = PRESETS[name]
-    G = p["grid"]
-    g = G // factor
-    windows, queries = [], []
-    for w, n in zip(p["windows"], p["queries"]):
-        qpw = n // (G // w) ** 2
-        w2 = max(1, w // factor)
-        windows.append(w2)
-        queries.append((g // w2) ** 2 * qpw)
-    return WindowLayout(g, windows, queries)
-
-
 def num_programs(layout: WindowLayout, B: int, H: int, D: int) -> int:
     """Programs of one forward + backward (three launches)."""
     cfg = tb.launch_config(layout, D)
@@ -88,64 +83,11 @@ def pick_batch_heads(rng, layout, D, budget=500):
     return B, H
 
 
-def make_inputs(layout, B, H, D, dtype, device, *, fused_kv, broadcast_q, strided_d=False):
-    """q (B, Q, H, D) (a stride-0 batch broadcast with broadcast_q), k, v (B, S, N, H, D): strided
-    views of one fused (B, N, S, 2, H, D) tensor with fused_kv, or with stride 2 on D with strided_d.
-    All require grad (through their leaves)."""
-    if fused_kv:  # built here: the views must be taken after the leaf requires grad
-        S, N, Q = layout.num_scales, layout.num_patches, layout.total_queries
-        q = torch.randn(B, Q, H, D, device=device, dtype=dtype, requires_grad=True)
-        kv = torch.randn(B, N, S, 2, H, D, device=device, dtype=dtype, requires_grad=True)
-        k, v = kv[:, :, :, 0].transpose(1, 2), kv[:, :, :, 1].transpose(1, 2)
-        assert k.grad_fn is not None and v.grad_fn is not None
-    else:
-        q, k, v = random_qkv(layout, B, H, D, dtype, device, requires_grad=True)
-    if broadcast_q:
-        q0 = torch.randn(1, *q.shape[1:], device=device, dtype=dtype, requires_grad=True)
-        q = q0.expand(B, -1, -1, -1)
-        assert B == 1 or q.stride(0) == 0
-    if strided_d:
-        shape = (B, layout.num_scales, layout.num_patches, H, 2 * D)
-        k = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)[..., ::2]
-        v = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)[..., ::2]
-        assert k.stride(-1) == 2
-    if fused_kv:
-        assert not k.is_contiguous() and k.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()
-    return q, k, v
-
-
-def check_case(layout, q, k, v, *, softmax_scale=None, backward=True):
-    """Triton out (and dq, dk, dv) vs float64 oracle, within 2x the eager error + atol."""
-    dtype = q.dtype
-    atol = ATOL[dtype]
-    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
-    out = multiscale_window_attention(q, k, v, layout, softmax_scale=softmax_scale, backend="triton")
-    assert out.dtype == dtype and out.shape == q.shape and out.device == q.device
-
-    leaves64 = [t.detach().double().requires_grad_(backward) for t in (q, k, v)]
-    ref = reference_attention(*leaves64, layout, scale)
-    leaves_e = [t.detach().clone().requires_grad_(backward) for t in (q, k, v)]
-    eager = reference.window_attention(*leaves_e, layout, scale)
-    assert_within_eager_error("out", out, ref, eager, atol)
-    if not backward:
-        return out
-    g = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (q, k, v), g)
-    grads64 = torch.autograd.grad(ref, leaves64, g.double())
-    grads_e = torch.autograd.grad(eager, leaves_e, g)
-    for name, got, r, e in zip(("dq", "dk", "dv"), grads, grads64, grads_e):
-        assert got.shape == r.shape and got.dtype == dtype
-        assert_within_eager_error(name, got, r, e, atol)
-    return out
-
-
-def random_case(rng, layout, dtype, device, D=None, budget=500):
+def interpreted_case(rng, layout, dtype, D=None, budget=500):
+    """random_case on CPU tensors, B and H shrunk while the interpreter would run over ``budget`` programs."""
     D = rng.choice(HEAD_DIMS) if D is None else D
-    B, H = pick_batch_heads(rng, layout, D, budget) if device == "cpu" else (rng.randint(1, 4), rng.randint(1, 8))
-    fused_kv, broadcast_q = rng.random() < 0.5, rng.random() < 0.3
-    print(f"{layout} B={B} H={H} D={D} {dtype} fused_kv={fused_kv} broadcast_q={broadcast_q}")
-    q, k, v = make_inputs(layout, B, H, D, dtype, device, fused_kv=fused_kv, broadcast_q=broadcast_q)
-    check_case(layout, q, k, v)
+    B, H = pick_batch_heads(rng, layout, D, budget)
+    random_case(rng, layout, dtype, "cpu", backend="triton", D=D, B=B, H=H)
 
 
 PRESET_SHRINK = 2  # 224-px presets on an 8x8 grid, 448-px presets on a 16x16 grid
@@ -158,7 +100,7 @@ PRESET_SHRINK = 2  # 224-px presets on an 8x8 grid, 448-px presets on a 16x16 gr
 def test_presets_shrunk(preset, dtype):
     rng = seeded_rng()
     layout = shrunk_preset(preset, PRESET_SHRINK)
-    random_case(rng, layout, dtype, "cpu", budget=400)
+    interpreted_case(rng, layout, dtype, budget=400)
 
 
 @interp
@@ -167,7 +109,7 @@ def test_presets_shrunk(preset, dtype):
 def test_random_layouts(case, dtype):
     rng = seeded_rng()
     layout = random_layout(rng, max_scales=3, max_qpw=16, max_grid=8)
-    random_case(rng, layout, dtype, "cpu", budget=400)
+    interpreted_case(rng, layout, dtype, budget=400)
 
 
 @interp
@@ -177,7 +119,7 @@ def test_head_dims(D, dtype):
     """Rectangular grid and windows, 1- to 6-query windows, windows of 2 to 24 patches."""
     rng = seeded_rng()
     layout = WindowLayout((4, 6), [(4, 6), (2, 3), (1, 2)], [rng.randint(1, 6), 4 * rng.randint(1, 4), 12 * rng.randint(1, 3)])
-    random_case(rng, layout, dtype, "cpu", D=D, budget=300)
+    interpreted_case(rng, layout, dtype, D=D, budget=300)
 
 
 @interp
@@ -187,7 +129,7 @@ def test_windows_split_over_tiles(dtype):
     rng = seeded_rng()
     layout = WindowLayout((4, 4), [4, (1, 2)], [rng.randint(65, 150), 8])
     assert tb.launch_config(layout, 16).block_m < max(layout.queries_per_window)
-    random_case(rng, layout, dtype, "cpu", budget=200)
+    interpreted_case(rng, layout, dtype, budget=200)
 
 
 @interp
@@ -196,24 +138,7 @@ def test_strided_inputs_and_softmax_scale():
     rng = seeded_rng()
     layout = WindowLayout((3, 4), [(3, 4), (1, 2)], [3, 6 * rng.randint(1, 5)])
     q, k, v = make_inputs(layout, 2, 2, 40, torch.float32, "cpu", fused_kv=False, broadcast_q=True, strided_d=True)
-    check_case(layout, q, k, v, softmax_scale=rng.uniform(0.05, 0.5))
-
-
-def reference_lse(q, k, layout, scale):
-    """float64 logsumexp (B, H, Q) of each query's scaled scores over its window."""
-    q, k = q.double(), k.double()
-    gw = layout.grid[1]
-    cols = []
-    for s in range(layout.num_scales):
-        wh, ww = layout.windows[s]
-        for w in range(layout.windows_per_scale[s]):
-            rows, columns = layout.window_patches(s, w)
-            patches = [y * gw + x for y in rows for x in columns]
-            qpw = layout.queries_per_window[s]
-            start = layout.query_offsets[s] + w * qpw
-            scores = torch.einsum("bqhd,bphd->bhqp", q[:, start : start + qpw], k[:, s, patches]) * scale
-            cols.append(torch.logsumexp(scores, dim=-1))
-    return torch.cat(cols, dim=-1)
+    check_case(layout, q, k, v, backend="triton", softmax_scale=rng.uniform(0.05, 0.5))
 
 
 @interp
@@ -322,10 +247,7 @@ def test_torch_compile_fullgraph(what):
         compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
         got, want = compiled(feats), model(feats)
         args = feats
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    g = torch.randn_like(want)
-    for a, b in zip(torch.autograd.grad(got, args, g), torch.autograd.grad(want, args, g)):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert_same_values_and_grads(got, want, args, 1e-5)
 
 
 @interp
@@ -341,17 +263,8 @@ def test_custom_op_opcheck():
 def test_resampler_triton_matches_torch_backend():
     cfg = CoSConfig(grid=(2, 4), windows=[(2, 4), (1, 2)], queries=[3, 8], vision_dim=24, dim=32,
                     num_heads=2, llm_dim=8, num_levels=1, drop_cls=False)
-    torch.manual_seed(seeded_rng().randrange(2**31))
-    model = MultiScaleResampler(cfg, backend="triton")
-    ref = MultiScaleResampler(cfg, backend="torch")
-    ref.load_state_dict(model.state_dict())
-    feats = torch.randn(2, 8, 24)
-    y, y_ref = model(feats), ref(feats)
-    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-4)
-    y.square().sum().backward()
-    y_ref.square().sum().backward()
-    for (name, p), p_ref in zip(model.named_parameters(), ref.parameters()):
-        torch.testing.assert_close(p.grad, p_ref.grad, atol=1e-5, rtol=1e-4, msg=name)
+    check_resampler_matches_torch_backend(cfg, "triton", "cpu", lambda: torch.randn(2, 8, 24),
+                                          tol=(1e-5, 1e-4), grad_tol=(1e-5, 1e-4))
 
 
 @interp
@@ -407,9 +320,7 @@ def test_cpu_without_interpreter_raises_clearly():
             print("ERROR:", err)
         """
     )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["CUDA_VISIBLE_DEVICES"] = ""
-    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    res = run_python(script, unset=("TRITON_INTERPRET",), env={"CUDA_VISIBLE_DEVICES": ""})
     assert res.returncode == 0, res.stderr
     assert "ERROR:" in res.stdout and "TRITON_INTERPRET=1" in res.stdout and "CUDA" in res.stdout, res.stdout
 
@@ -421,102 +332,7 @@ def test_unavailable_reasons():
         assert kernel.unavailable_reason(torch.device("cpu")) is None
 
 
-# ---- GPU ----------------------------------------------------------------------------------------
-ALL_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-DTYPE_IDS = ["fp32", "fp16", "bf16"]
-
-
-@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("preset", sorted(PRESETS))
-@pytest.mark.gpu
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
-def test_gpu_presets(preset, dtype):
-    rng = seeded_rng()
-    layout = CoSConfig.from_preset(preset).layout
-    random_case(rng, layout, dtype, "cuda", D=rng.choice(HEAD_DIMS))
-
-
-@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("case", range(6))
-@pytest.mark.gpu
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
-def test_gpu_random_layouts(case, dtype):
-    rng = seeded_rng()
-    layout = random_layout(rng, max_scales=3, max_qpw=16, max_grid=32)
-    random_case(rng, layout, dtype, "cuda")
-
-
-@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("D", HEAD_DIMS)
-@pytest.mark.gpu
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
-def test_gpu_head_dims_strided(D, dtype):
-    rng = seeded_rng()
-    layout = WindowLayout((8, 12), [(8, 12), (2, 3), (1, 2)], [rng.randint(1, 100), 16 * rng.randint(1, 8), 48 * rng.randint(1, 3)])
-    for fused_kv, broadcast_q, strided_d in ((True, True, False), (False, False, True)):
-        q, k, v = make_inputs(layout, 3, 4, D, dtype, "cuda", fused_kv=fused_kv, broadcast_q=broadcast_q, strided_d=strided_d)
-        check_case(layout, q, k, v)
-
-
-@pytest.mark.parametrize("preset", ["cos-80", "cos-1296"])
-@pytest.mark.gpu
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
-def test_gpu_large_batch_bf16(preset):
-    """Benchmark shapes (cos-80 B=256, cos-1296 B=64; 16 heads of 64, bf16), fused K/V views."""
-    seeded_rng()
-    layout = CoSConfig.from_preset(preset).layout
-    B = 256 if preset == "cos-80" else 64
-    q, k, v = make_inputs(layout, B, 16, 64, torch.bfloat16, "cuda", fused_kv=True, broadcast_q=False)
-    check_case(layout, q, k, v)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
-@pytest.mark.skipif(HAS_CUDA and torch.cuda.get_device_properties(0).total_memory < 40 * 2**30,
-                    reason="needs a GPU with 40 GiB")
-def test_gpu_over_2_31_elements():
-    """K/V of more than 2**31 elements (int64 offsets): the last images are checked against the oracle."""
-    seeded_rng()
-    layout = WindowLayout(32, [32, 4], [16, 64 * 4])
-    S, N, H, D = layout.num_scales, layout.num_patches, 16, 128
-    B = 2**31 // (S * N * H * D) + 2
-    assert B * S * N * H * D > 2**31
-    kv = torch.randn(B, N, S, 2, H, D, device="cuda", dtype=torch.bfloat16)
-    k, v = kv[:, :, :, 0].transpose(1, 2), kv[:, :, :, 1].transpose(1, 2)
-    q = torch.randn(B, layout.total_queries, H, D, device="cuda", dtype=torch.bfloat16)
-    scale = D**-0.5
-    out, lse = tb.TRITON_KERNEL.forward(q, k, v, layout, scale)
-    g = torch.randn_like(out)
-    dq, dk, dv = tb.TRITON_KERNEL.backward(g, q, k, v, out, lse, layout, scale)
-    tail = slice(B - 2, B)
-    qt, kt, vt = (t[tail].detach().clone().requires_grad_() for t in (q, k, v))
-    check = [t.double().detach().requires_grad_() for t in (qt, kt, vt)]
-    ref = reference_attention(*check, layout, scale)
-    eager = reference.window_attention(qt, kt, vt, layout, scale)
-    atol = ATOL[torch.bfloat16]
-    assert_within_eager_error("out", out[tail], ref, eager, atol)
-    grads64 = torch.autograd.grad(ref, check, g[tail].double())
-    grads_e = torch.autograd.grad(eager, (qt, kt, vt), g[tail])
-    for name, got, r, e in zip(("dq", "dk", "dv"), (dq[tail], dk[tail], dv[tail]), grads64, grads_e):
-        assert_within_eager_error(name, got, r, e, atol)
-    assert torch.isfinite(dk).all() and torch.isfinite(dv).all()
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
-def test_gpu_deterministic_backward():
-    seeded_rng()
-    layout = CoSConfig.from_preset("cos-1296").layout
-    q, k, v = make_inputs(layout, 8, 16, 64, torch.bfloat16, "cuda", fused_kv=True, broadcast_q=False)
-    out, lse = tb.TRITON_KERNEL.forward(q, k, v, layout, 0.125)
-    g = torch.randn_like(out)
-    first = tb.TRITON_KERNEL.backward(g, q, k, v, out, lse, layout, 0.125)
-    for _ in range(3):
-        again = tb.TRITON_KERNEL.backward(g, q, k, v, out, lse, layout, 0.125)
-        for a, b in zip(first, again):
-            assert torch.equal(a, b)
-
-
+# ---- GPU (the tests shared with the cuda backend are in test_fused_backends_gpu.py) -------------
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 def test_gpu_resampler_compiled_inductor_bf16_autocast():

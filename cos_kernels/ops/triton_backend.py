@@ -85,23 +85,37 @@ def launch_config(layout: WindowLayout, head_dim: int) -> LaunchConfig:
 _TABLE_CACHE: dict[tuple, torch.Tensor] = {}
 
 
-def query_tiles(layout: WindowLayout, block_m: int) -> list[list[int]]:
-    """Rows (q_start, rows, qpw, q_phase, scale, wh, ww, win_cols, win0, nkeys), longest first."""
-    tiles = []
+def _scales(layout: WindowLayout):
+    """Per scale s: (s, wh, ww, queries per window, windows, windows per row, first query, patches
+    per window)."""
     for s in range(layout.num_scales):
         wh, ww = layout.windows[s]
         qpw, nw = layout.queries_per_window[s], layout.windows_per_scale[s]
-        win_cols, q0, P = layout.window_grids[s][1], layout.query_offsets[s], wh * ww
-        if qpw <= block_m:
-            per = block_m // qpw
-            for w0 in range(0, nw, per):
-                n = min(per, nw - w0)
-                tiles.append([q0 + w0 * qpw, n * qpw, qpw, 0, s, wh, ww, win_cols, w0, n * P])
-        else:
-            for w in range(nw):
-                for phase in range(0, qpw, block_m):
-                    rows = min(block_m, qpw - phase)
-                    tiles.append([q0 + w * qpw + phase, rows, qpw, phase, s, wh, ww, win_cols, w, P])
+        yield s, wh, ww, qpw, nw, layout.window_grids[s][1], layout.query_offsets[s], wh * ww
+
+
+def _window_runs(size: int, num_windows: int, block: int):
+    """How a tile of ``block`` rows covers the windows of one scale, each window ``size`` rows (its
+    queries, or its patches): as (first window, windows, first row inside the window, rows). Windows of
+    at most ``block`` rows are packed ``block // size`` to a tile (from row 0); a larger window is cut
+    into ``block``-row slices."""
+    if size <= block:
+        per = block // size
+        for w0 in range(0, num_windows, per):
+            n = min(per, num_windows - w0)
+            yield w0, n, 0, n * size
+    else:
+        for w in range(num_windows):
+            for first in range(0, size, block):
+                yield w, 1, first, min(block, size - first)
+
+
+def query_tiles(layout: WindowLayout, block_m: int) -> list[list[int]]:
+    """Rows (q_start, rows, qpw, q_phase, scale, wh, ww, win_cols, win0, nkeys), longest first."""
+    tiles = []
+    for s, wh, ww, qpw, nw, win_cols, q0, P in _scales(layout):
+        for w0, n, phase, rows in _window_runs(qpw, nw, block_m):
+            tiles.append([q0 + w0 * qpw + phase, rows, qpw, phase, s, wh, ww, win_cols, w0, n * P])
     tiles.sort(key=lambda t: -t[9])  # stable: most key slots (longest program) first
     return tiles
 
@@ -109,19 +123,9 @@ def query_tiles(layout: WindowLayout, block_m: int) -> list[list[int]]:
 def key_tiles(layout: WindowLayout, block_n: int) -> list[list[int]]:
     """Rows (k_begin, k_count, q_start, q_total, qpw, scale, wh, ww, win_cols, win0), longest first."""
     tiles = []
-    for s in range(layout.num_scales):
-        wh, ww = layout.windows[s]
-        qpw, nw = layout.queries_per_window[s], layout.windows_per_scale[s]
-        win_cols, q0, P = layout.window_grids[s][1], layout.query_offsets[s], wh * ww
-        if P <= block_n:
-            per = block_n // P
-            for w0 in range(0, nw, per):
-                n = min(per, nw - w0)
-                tiles.append([0, n * P, q0 + w0 * qpw, n * qpw, qpw, s, wh, ww, win_cols, w0])
-        else:
-            for w in range(nw):
-                for kb in range(0, P, block_n):
-                    tiles.append([kb, min(block_n, P - kb), q0 + w * qpw, qpw, qpw, s, wh, ww, win_cols, w])
+    for s, wh, ww, qpw, nw, win_cols, q0, P in _scales(layout):
+        for w0, n, k_begin, k_count in _window_runs(P, nw, block_n):
+            tiles.append([k_begin, k_count, q0 + w0 * qpw, n * qpw, qpw, s, wh, ww, win_cols, w0])
     tiles.sort(key=lambda t: -t[3])  # most queries to visit first
     return tiles
 

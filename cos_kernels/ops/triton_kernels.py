@@ -56,7 +56,22 @@ def _key_slots(j, nkeys, P, wh, ww, win0, win_cols, grid_w):
 
 
 @triton.jit
-def _query_tile(TILES, tile):
+def _program(num_bh, num_heads):
+    """This program's (tile, b * H + h, b, h) in a tile-major grid over (tile, batch image, head);
+    b and h as int64."""
+    pid = tl.program_id(0)
+    tile = pid // num_bh
+    bh = pid - tile * num_bh
+    b = bh // num_heads
+    h = bh - b * num_heads
+    return tile, bh, b.to(tl.int64), h.to(tl.int64)
+
+
+@triton.jit
+def _query_tile_rows(TILES, tile, BLOCK_M: tl.constexpr):
+    """Row ``tile`` of the query-tile table -> for each of the BLOCK_M rows its query index (int64),
+    whether it is valid and its local window; then the keys' scale (int64), wh, ww, win_cols, win0
+    and nkeys."""
     t = TILES + tile * 10
     q_start = tl.load(t + 0)
     rows = tl.load(t + 1)
@@ -68,7 +83,24 @@ def _query_tile(TILES, tile):
     win_cols = tl.load(t + 7)
     win0 = tl.load(t + 8)
     nkeys = tl.load(t + 9)
-    return q_start, rows, qpw, q_phase, s, wh, ww, win_cols, win0, nkeys
+    offs_m = tl.arange(0, BLOCK_M)
+    qrow = (q_start + offs_m).to(tl.int64)
+    row_ok = offs_m < rows
+    q_win = (q_phase + offs_m) // qpw
+    return qrow, row_ok, q_win, s.to(tl.int64), wh, ww, win_cols, win0, nkeys
+
+
+@triton.jit
+def _load_key_block(k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                    j, nkeys, P, wh, ww, win0, win_cols, grid_w, offs_d, d_ok):
+    """K and V rows (BLOCK_N, BLOCK_D) of the key slots j of a window group, zero where invalid ->
+    (local window, valid, k, v) of each slot. k_base, v_base: K and V at (b, s, 0, h, 0)."""
+    lw, patch, k_ok = _key_slots(j, nkeys, P, wh, ww, win0, win_cols, grid_w)
+    p64 = patch.to(tl.int64)
+    kv_mask = k_ok[:, None] & d_ok[None, :]
+    kk = tl.load(k_base + p64[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+    vv = tl.load(v_base + p64[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+    return lw, k_ok, kk, vv
 
 
 @triton.jit
@@ -91,23 +123,11 @@ def window_attention_fwd_kernel(
     Q (B, Q, H, D), K/V (B, S, N, H, D) any strides -> O (B, Q, H, D) with unit stride on D,
     LSE (B, H, Q) fp32 contiguous. qk_scale = softmax_scale * log2(e).
     """
-    pid = tl.program_id(0)
-    tile = pid // num_bh
-    bh = pid - tile * num_bh
-    b = bh // num_heads
-    h = bh - b * num_heads
-    q_start, rows, qpw, q_phase, s, wh, ww, win_cols, win0, nkeys = _query_tile(TILES, tile)
+    tile, bh, b64, h64 = _program(num_bh, num_heads)
+    qrow, row_ok, q_win, s64, wh, ww, win_cols, win0, nkeys = _query_tile_rows(TILES, tile, BLOCK_M)
     P = wh * ww
-
-    offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    row_ok = offs_m < rows
-    q_win = (q_phase + offs_m) // qpw
-    qrow = (q_start + offs_m).to(tl.int64)
-    b64 = b.to(tl.int64)
-    h64 = h.to(tl.int64)
-    s64 = s.to(tl.int64)
 
     q = tl.load(
         Q + b64 * stride_qb + h64 * stride_qh + qrow[:, None] * stride_qq + offs_d[None, :] * stride_qd,
@@ -121,12 +141,9 @@ def window_attention_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start in range(0, nkeys, BLOCK_N):
-        j = start + tl.arange(0, BLOCK_N)
-        lw, patch, k_ok = _key_slots(j, nkeys, P, wh, ww, win0, win_cols, grid_w)
-        p64 = patch.to(tl.int64)
-        kv_mask = k_ok[:, None] & d_ok[None, :]
-        kk = tl.load(k_base + p64[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-        vv = tl.load(v_base + p64[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        lw, k_ok, kk, vv = _load_key_block(k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                                           start + tl.arange(0, BLOCK_N), nkeys, P, wh, ww, win0, win_cols,
+                                           grid_w, offs_d, d_ok)
         sc = tl.dot(q, tl.trans(kk), input_precision=DOT_PRECISION) * qk_scale
         allowed = (q_win[:, None] == lw[None, :]) & k_ok[None, :]
         sc = tl.where(allowed, sc, float("-inf"))
@@ -170,23 +187,11 @@ def window_attention_bwd_dq_kernel(
 ):
     """Backward launch 1: owns query tiles. Writes DELTA = rowsum(dO * O) (B, H, Q) fp32, which
     launch 2 reads, and DQ (B, Q, H, D) with unit stride on D. Grid as the forward's."""
-    pid = tl.program_id(0)
-    tile = pid // num_bh
-    bh = pid - tile * num_bh
-    b = bh // num_heads
-    h = bh - b * num_heads
-    q_start, rows, qpw, q_phase, s, wh, ww, win_cols, win0, nkeys = _query_tile(TILES, tile)
+    tile, bh, b64, h64 = _program(num_bh, num_heads)
+    qrow, row_ok, q_win, s64, wh, ww, win_cols, win0, nkeys = _query_tile_rows(TILES, tile, BLOCK_M)
     P = wh * ww
-
-    offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    row_ok = offs_m < rows
-    q_win = (q_phase + offs_m) // qpw
-    qrow = (q_start + offs_m).to(tl.int64)
-    b64 = b.to(tl.int64)
-    h64 = h.to(tl.int64)
-    s64 = s.to(tl.int64)
     qd_mask = row_ok[:, None] & d_ok[None, :]
 
     q = tl.load(
@@ -210,12 +215,9 @@ def window_attention_bwd_dq_kernel(
     v_base = V + b64 * stride_vb + s64 * stride_vs + h64 * stride_vh
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start in range(0, nkeys, BLOCK_N):
-        j = start + tl.arange(0, BLOCK_N)
-        lw, patch, k_ok = _key_slots(j, nkeys, P, wh, ww, win0, win_cols, grid_w)
-        p64 = patch.to(tl.int64)
-        kv_mask = k_ok[:, None] & d_ok[None, :]
-        kk = tl.load(k_base + p64[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-        vv = tl.load(v_base + p64[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        lw, k_ok, kk, vv = _load_key_block(k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                                           start + tl.arange(0, BLOCK_N), nkeys, P, wh, ww, win0, win_cols,
+                                           grid_w, offs_d, d_ok)
         sc = tl.dot(q, tl.trans(kk), input_precision=DOT_PRECISION) * qk_scale
         allowed = (q_win[:, None] == lw[None, :]) & k_ok[None, :] & row_ok[:, None]
         sc = tl.where(allowed, sc, float("-inf"))
@@ -250,11 +252,7 @@ def window_attention_bwd_dkdv_kernel(
     """Backward launch 2: owns key tiles; for its BLOCK_N keys, iterates over the queries of their
     windows and writes DK, DV (B, S, N, H, D), both with the strides of DK and unit stride on D.
     Reads DELTA written by launch 1. Grid: (num_key_tiles * B * H,), tile-major."""
-    pid = tl.program_id(0)
-    tile = pid // num_bh
-    bh = pid - tile * num_bh
-    b = bh // num_heads
-    h = bh - b * num_heads
+    tile, bh, b64, h64 = _program(num_bh, num_heads)
     t = KTILES + tile * 10
     k_begin = tl.load(t + 0)
     k_count = tl.load(t + 1)
@@ -270,8 +268,6 @@ def window_attention_bwd_dkdv_kernel(
 
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    b64 = b.to(tl.int64)
-    h64 = h.to(tl.int64)
     s64 = s.to(tl.int64)
 
     j = k_begin + tl.arange(0, BLOCK_N)

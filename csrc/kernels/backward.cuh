@@ -16,24 +16,35 @@
 namespace cos_kernels {
 namespace detail {
 
+// The dot products of one group of kBwdKeyGroup shared-memory rows, jg .. jg + kBwdKeyGroup - 1 (rows
+// from `count` on give 0): x[jj] = a . arows[jg + jj] and x[kBwdKeyGroup + jj] = c . crows[jg + jj],
+// summed over the row's G threads. Both kernels take the scores (log2 domain) and dO . v this way.
+template <int G, int DPAD>
+COS_DEVICE void group_dots(float (&x)[2 * kBwdKeyGroup], const float (&a)[kDimsPerThread], const float* arows,
+                           const float (&c)[kDimsPerThread], const float* crows, int jg, int count, int g) {
+#pragma unroll
+  for (int jj = 0; jj < kBwdKeyGroup; ++jj) {
+    const bool valid = jg + jj < count;
+    x[jj] = valid ? dot_slice<G>(a, arows + (jg + jj) * DPAD, g) : 0.f;
+    x[kBwdKeyGroup + jj] = valid ? dot_slice<G>(c, crows + (jg + jj) * DPAD, g) : 0.f;
+  }
+  group_sum<G, 2 * kBwdKeyGroup>(x);
+}
+
 template <typename T, int G>
 __global__ void __launch_bounds__(kMaxThreads) window_attention_dq_kernel(const BwdParams p) {
   constexpr int DPAD = G * kDimsPerThread;
   COS_DYNAMIC_SMEM(smem);
   const int tid = threadIdx.x, nthreads = blockDim.x;
-  const int row = tid / G, g = tid % G;
-  const int BH = p.batch * p.heads;
-  const int tile_idx = static_cast<int>(blockIdx.x / BH);
-  const int bh = static_cast<int>(blockIdx.x - static_cast<unsigned>(tile_idx) * BH);
-  const int b = bh / p.heads, h = bh - b * p.heads;
-  const TileInfo t = load_tile(p.q_tiles, tile_idx);
+  const TileRow r = tile_row(p.q_tiles, p.batch, p.heads, tid / G);
+  const int g = tid % G;
+  const TileInfo& t = r.t;
+  const int b = r.b, h = r.h, lw = r.lw;
+  const bool active = r.active;
   const int D = p.head_dim;
 
-  const int lw_raw = row / t.rows_per_win;
-  const bool active = lw_raw < t.num_win;
-  const int lw = active ? lw_raw : 0;
-  const int qi = window_query(t, t.win0 + lw, t.row0 + row % t.rows_per_win);
-  const int64_t lse_idx = static_cast<int64_t>(bh) * p.total_queries + qi;
+  const int qi = window_query(t, t.win0 + lw, r.j);
+  const int64_t lse_idx = static_cast<int64_t>(r.bh) * p.total_queries + qi;
 
   float qr[kDimsPerThread], dor[kDimsPerThread], dq[kDimsPerThread];
   float partial = 0.f, lse2 = 0.f;
@@ -70,25 +81,12 @@ __global__ void __launch_bounds__(kMaxThreads) window_attention_dq_kernel(const 
   for (int j0 = 0; j0 < t.cols_per_win; j0 += cb) {
     const int count = imin(cb, t.cols_per_win - j0);
     __syncthreads();
-    load_rows<T, DPAD>(
-        ks, kbase, p.k_stride[4],
-        [&](int w, int jj) { return window_patch(t, t.win0 + w, j0 + jj, p.grid_w) * p.k_stride[2]; }, t.num_win,
-        cb, count, D, p.kv_vec != 0, tid, nthreads);
-    load_rows<T, DPAD>(
-        vs, vbase, p.v_stride[4],
-        [&](int w, int jj) { return window_patch(t, t.win0 + w, j0 + jj, p.grid_w) * p.v_stride[2]; }, t.num_win,
-        cb, count, D, p.kv_vec != 0, tid, nthreads);
+    load_kv_chunk<T, DPAD>(ks, vs, kbase, vbase, p, t, j0, count, D, tid, nthreads);
     __syncthreads();
 
     for (int jg = 0; jg < count; jg += kBwdKeyGroup) {
       float x[2 * kBwdKeyGroup];  // scores (log2 domain), then dO . v
-#pragma unroll
-      for (int jj = 0; jj < kBwdKeyGroup; ++jj) {
-        const bool valid = jg + jj < count;
-        x[jj] = valid ? dot_slice<G>(qr, krow0 + (jg + jj) * DPAD, g) : 0.f;
-        x[kBwdKeyGroup + jj] = valid ? dot_slice<G>(dor, vrow0 + (jg + jj) * DPAD, g) : 0.f;
-      }
-      group_sum<G, 2 * kBwdKeyGroup>(x);
+      group_dots<G, DPAD>(x, qr, krow0, dor, vrow0, jg, count, g);
 #pragma unroll
       for (int jj = 0; jj < kBwdKeyGroup; ++jj) {
         if (jg + jj < count) {
@@ -111,19 +109,15 @@ __global__ void __launch_bounds__(kMaxThreads) window_attention_dkv_kernel(const
   constexpr int DPAD = G * kDimsPerThread;
   COS_DYNAMIC_SMEM(smem);
   const int tid = threadIdx.x, nthreads = blockDim.x;
-  const int row = tid / G, g = tid % G;
-  const int BH = p.batch * p.heads;
-  const int tile_idx = static_cast<int>(blockIdx.x / BH);
-  const int bh = static_cast<int>(blockIdx.x - static_cast<unsigned>(tile_idx) * BH);
-  const int b = bh / p.heads, h = bh - b * p.heads;
-  const TileInfo t = load_tile(p.k_tiles, tile_idx);
+  const TileRow r = tile_row(p.k_tiles, p.batch, p.heads, tid / G);
+  const int g = tid % G;
+  const TileInfo& t = r.t;
+  const int b = r.b, h = r.h, lw = r.lw;
+  const bool active = r.active;
   const int D = p.head_dim;
 
-  // This row's key: patch r of window (win0 + lw) of the tile's scale.
-  const int lw_raw = row / t.rows_per_win;
-  const bool active = lw_raw < t.num_win;
-  const int lw = active ? lw_raw : 0;
-  const int patch = window_patch(t, t.win0 + lw, t.row0 + row % t.rows_per_win, p.grid_w);
+  // This row's key: patch r.j of window (win0 + lw) of the tile's scale.
+  const int patch = window_patch(t, t.win0 + lw, r.j, p.grid_w);
 
   float kr[kDimsPerThread], vr[kDimsPerThread], dk[kDimsPerThread], dv[kDimsPerThread];
   if (active) {
@@ -149,8 +143,8 @@ __global__ void __launch_bounds__(kMaxThreads) window_attention_dkv_kernel(const
 
   const T* qbase = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[2];
   const T* dobase = static_cast<const T*>(p.grad_out) + b * p.do_stride[0] + h * p.do_stride[2];
-  const float* lse_bh = p.lse + static_cast<int64_t>(bh) * p.total_queries;
-  const float* delta_bh = p.delta + static_cast<int64_t>(bh) * p.total_queries;
+  const float* lse_bh = p.lse + static_cast<int64_t>(r.bh) * p.total_queries;
+  const float* delta_bh = p.delta + static_cast<int64_t>(r.bh) * p.total_queries;
   const int cb = t.cols_per_chunk;
   const float* qrow0 = qs + lw * cb * DPAD;
   const float* dorow0 = dos + lw * cb * DPAD;
@@ -178,13 +172,7 @@ __global__ void __launch_bounds__(kMaxThreads) window_attention_dkv_kernel(const
 
     for (int jg = 0; jg < count; jg += kBwdKeyGroup) {
       float x[2 * kBwdKeyGroup];  // scores (log2 domain), then dO . v
-#pragma unroll
-      for (int jj = 0; jj < kBwdKeyGroup; ++jj) {
-        const bool valid = jg + jj < count;
-        x[jj] = valid ? dot_slice<G>(kr, qrow0 + (jg + jj) * DPAD, g) : 0.f;
-        x[kBwdKeyGroup + jj] = valid ? dot_slice<G>(vr, dorow0 + (jg + jj) * DPAD, g) : 0.f;
-      }
-      group_sum<G, 2 * kBwdKeyGroup>(x);
+      group_dots<G, DPAD>(x, kr, qrow0, vr, dorow0, jg, count, g);
 #pragma unroll
       for (int jj = 0; jj < kBwdKeyGroup; ++jj) {
         if (jg + jj < count) {

@@ -33,6 +33,31 @@
 namespace cos_kernels {
 namespace detail {
 
+// ---- aligned vector accesses -------------------------------------------------------------------
+// One access of a whole vector V (float4: 16 bytes, uint2: 8 bytes) at p, aligned to sizeof(V): a
+// single instruction on the GPU; in host builds (the CPU emulation) an alignment check and a memcpy.
+template <typename V>
+COS_DEVICE V load_vec(const void* p) {
+#if defined(__CUDA_ARCH__)
+  return *reinterpret_cast<const V*>(p);
+#else
+  COS_CHECK_ALIGNED(p, sizeof(V));
+  V r;
+  std::memcpy(static_cast<void*>(&r), p, sizeof(r));
+  return r;
+#endif
+}
+
+template <typename V>
+COS_DEVICE void store_vec(void* p, V v) {
+#if defined(__CUDA_ARCH__)
+  *reinterpret_cast<V*>(p) = v;
+#else
+  COS_CHECK_ALIGNED(p, sizeof(V));
+  std::memcpy(p, static_cast<const void*>(&v), sizeof(v));
+#endif
+}
+
 // ---- element types: conversions and 4-element vector accesses ---------------------------------
 template <typename T>
 struct Elt;
@@ -41,47 +66,15 @@ template <>
 struct Elt<float> {
   static COS_DEVICE float to_float(float x) { return x; }
   static COS_DEVICE float from_float(float x) { return x; }
-  static COS_DEVICE float4 load4(const float* p) {
-#if defined(__CUDA_ARCH__)
-    return *reinterpret_cast<const float4*>(p);
-#else
-    COS_CHECK_ALIGNED(p, 16);
-    float4 r;
-    std::memcpy(static_cast<void*>(&r), p, sizeof(r));
-    return r;
-#endif
-  }
-  static COS_DEVICE void store4(float* p, float4 v) {
-#if defined(__CUDA_ARCH__)
-    *reinterpret_cast<float4*>(p) = v;
-#else
-    COS_CHECK_ALIGNED(p, 16);
-    std::memcpy(static_cast<void*>(p), &v, sizeof(v));
-#endif
-  }
+  static COS_DEVICE float4 load4(const float* p) { return load_vec<float4>(p); }
+  static COS_DEVICE void store4(float* p, float4 v) { store_vec(p, v); }
 };
 
 // 16-bit types: 4 elements = 8 bytes = two packed pairs.
 template <typename T, typename T2>
 struct Elt16 {
-  static COS_DEVICE uint2 load_raw(const T* p) {
-#if defined(__CUDA_ARCH__)
-    return *reinterpret_cast<const uint2*>(p);
-#else
-    COS_CHECK_ALIGNED(p, 8);
-    uint2 r;
-    std::memcpy(static_cast<void*>(&r), p, sizeof(r));
-    return r;
-#endif
-  }
-  static COS_DEVICE void store_raw(T* p, uint2 v) {
-#if defined(__CUDA_ARCH__)
-    *reinterpret_cast<uint2*>(p) = v;
-#else
-    COS_CHECK_ALIGNED(p, 8);
-    std::memcpy(static_cast<void*>(p), &v, sizeof(v));
-#endif
-  }
+  static COS_DEVICE uint2 load_raw(const T* p) { return load_vec<uint2>(p); }
+  static COS_DEVICE void store_raw(T* p, uint2 v) { store_vec(p, v); }
   static COS_DEVICE T2 as_pair(unsigned int bits) {
     T2 r;
     std::memcpy(static_cast<void*>(&r), static_cast<const void*>(&bits), sizeof(r));
@@ -129,24 +122,8 @@ struct Elt<__nv_bfloat16> : Elt16<__nv_bfloat16, __nv_bfloat162> {
 };
 
 // ---- shared-memory float4 access ---------------------------------------------------------------
-COS_DEVICE float4 lds4(const float* p) {
-#if defined(__CUDA_ARCH__)
-  return *reinterpret_cast<const float4*>(p);
-#else
-  COS_CHECK_ALIGNED(p, 16);
-  float4 r;
-  std::memcpy(static_cast<void*>(&r), p, sizeof(r));
-  return r;
-#endif
-}
-COS_DEVICE void sts4(float* p, float4 v) {
-#if defined(__CUDA_ARCH__)
-  *reinterpret_cast<float4*>(p) = v;
-#else
-  COS_CHECK_ALIGNED(p, 16);
-  std::memcpy(static_cast<void*>(p), &v, sizeof(v));
-#endif
-}
+COS_DEVICE float4 lds4(const float* p) { return load_vec<float4>(p); }
+COS_DEVICE void sts4(float* p, float4 v) { store_vec(p, v); }
 
 // ---- a thread's slice of a row -----------------------------------------------------------------
 // A row of the head dim is split over a group of G threads; thread g of the group holds the dims
@@ -279,6 +256,34 @@ COS_DEVICE int window_patch(const TileInfo& t, int w, int j, int grid_w) {
 // Global query index of the j-th query of window w of the tile's scale.
 COS_DEVICE int window_query(const TileInfo& t, int w, int j) { return t.q_offset + w * t.q_per_win + j; }
 
+// Where row `row` (G threads) of this block stands. Launches are tile-major over (tile, batch image,
+// head): block blockIdx.x runs tile blockIdx.x / (B * H) for bh = b * H + h. Row i of the tile
+// belongs to the tile's local window i / rows_per_win, at index row0 + i % rows_per_win inside it (a
+// query of the window for q-tiles, a patch for k-tiles). Rows past the tile's windows are inactive:
+// they compute as window 0 (on zeros) and store nothing.
+struct TileRow {
+  TileInfo t;
+  int bh, b, h;
+  bool active;
+  int lw;  // local window of the row (0 where inactive)
+  int j;   // index of the row inside its window
+};
+
+COS_DEVICE TileRow tile_row(const int32_t* tiles, int batch, int heads, int row) {
+  TileRow r;
+  const int BH = batch * heads;
+  const int tile_idx = static_cast<int>(blockIdx.x / BH);
+  r.bh = static_cast<int>(blockIdx.x - static_cast<unsigned>(tile_idx) * BH);
+  r.b = r.bh / heads;
+  r.h = r.bh - r.b * heads;
+  r.t = load_tile(tiles, tile_idx);
+  const int lw_raw = row / r.t.rows_per_win;
+  r.active = lw_raw < r.t.num_win;
+  r.lw = r.active ? lw_raw : 0;
+  r.j = r.t.row0 + row % r.t.rows_per_win;
+  return r;
+}
+
 // Block-cooperative copy of a chunk of rows into shared memory as floats:
 // for lw < num_win, jj < count: dst[(lw * slot_stride + jj) * DPAD + d] = src[row_offset(lw, jj) + d * sd]
 // for d < head_dim (dims head_dim..DPAD-1 are left as they are: zeroed once by the caller).
@@ -301,6 +306,22 @@ COS_DEVICE void load_rows(float* dst, const T* src, int64_t sd, const RowOffset&
       dst[(lw * slot_stride + jj) * DPAD + d] = Elt<T>::to_float(src[row_offset(lw, jj) + d * sd]);
     }
   }
+}
+
+// Copies patches j0 .. j0 + count - 1 of each of the tile's windows from K and V (read in place through
+// their strides; kbase, vbase point at (b, scale, 0, h, 0)) into the shared-memory rows ks and vs:
+// patch j0 + jj of local window w goes to row w * cols_per_chunk + jj. Params: FwdParams or BwdParams.
+template <typename T, int DPAD, typename Params>
+COS_DEVICE void load_kv_chunk(float* ks, float* vs, const T* kbase, const T* vbase, const Params& p,
+                              const TileInfo& t, int j0, int count, int head_dim, int tid, int nthreads) {
+  load_rows<T, DPAD>(
+      ks, kbase, p.k_stride[4],
+      [&](int w, int jj) { return window_patch(t, t.win0 + w, j0 + jj, p.grid_w) * p.k_stride[2]; }, t.num_win,
+      t.cols_per_chunk, count, head_dim, p.kv_vec != 0, tid, nthreads);
+  load_rows<T, DPAD>(
+      vs, vbase, p.v_stride[4],
+      [&](int w, int jj) { return window_patch(t, t.win0 + w, j0 + jj, p.grid_w) * p.v_stride[2]; }, t.num_win,
+      t.cols_per_chunk, count, head_dim, p.kv_vec != 0, tid, nthreads);
 }
 
 // Zeroes the padding dims head_dim..DPAD-1 of `rows` shared-memory rows.

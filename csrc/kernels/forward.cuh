@@ -17,19 +17,15 @@ __global__ void __launch_bounds__(kMaxThreads) window_attention_forward_kernel(c
   constexpr int DPAD = G * kDimsPerThread;
   COS_DYNAMIC_SMEM(smem);
   const int tid = threadIdx.x, nthreads = blockDim.x;
-  const int row = tid / G, g = tid % G;
-  const int BH = p.batch * p.heads;
-  const int tile_idx = static_cast<int>(blockIdx.x / BH);
-  const int bh = static_cast<int>(blockIdx.x - static_cast<unsigned>(tile_idx) * BH);
-  const int b = bh / p.heads, h = bh - b * p.heads;
-  const TileInfo t = load_tile(p.tiles, tile_idx);
+  const TileRow r = tile_row(p.tiles, p.batch, p.heads, tid / G);
+  const int g = tid % G;
+  const TileInfo& t = r.t;
+  const int b = r.b, h = r.h, lw = r.lw;
+  const bool active = r.active;
   const int D = p.head_dim;
 
   // This row's query (rows past the tile's windows compute on zeros and store nothing).
-  const int lw_raw = row / t.rows_per_win;
-  const bool active = lw_raw < t.num_win;
-  const int lw = active ? lw_raw : 0;
-  const int qi = window_query(t, t.win0 + lw, t.row0 + row % t.rows_per_win);
+  const int qi = window_query(t, t.win0 + lw, r.j);
 
   float qr[kDimsPerThread], acc[kDimsPerThread];
   {
@@ -58,14 +54,7 @@ __global__ void __launch_bounds__(kMaxThreads) window_attention_forward_kernel(c
   for (int j0 = 0; j0 < t.cols_per_win; j0 += cb) {
     const int count = imin(cb, t.cols_per_win - j0);
     __syncthreads();  // the previous chunk has been consumed (and the padding zeroed)
-    load_rows<T, DPAD>(
-        ks, kbase, p.k_stride[4],
-        [&](int w, int jj) { return window_patch(t, t.win0 + w, j0 + jj, p.grid_w) * p.k_stride[2]; }, t.num_win,
-        cb, count, D, p.kv_vec != 0, tid, nthreads);
-    load_rows<T, DPAD>(
-        vs, vbase, p.v_stride[4],
-        [&](int w, int jj) { return window_patch(t, t.win0 + w, j0 + jj, p.grid_w) * p.v_stride[2]; }, t.num_win,
-        cb, count, D, p.kv_vec != 0, tid, nthreads);
+    load_kv_chunk<T, DPAD>(ks, vs, kbase, vbase, p, t, j0, count, D, tid, nthreads);
     __syncthreads();
 
     for (int jg = 0; jg < count; jg += kKeyGroup) {
@@ -97,7 +86,7 @@ __global__ void __launch_bounds__(kMaxThreads) window_attention_forward_kernel(c
   if (active) {
     const int64_t orow = (static_cast<int64_t>(b) * p.total_queries + qi) * p.heads + h;
     store_slice<T, G>(static_cast<T*>(p.out) + orow * D, acc, D, g, p.out_vec != 0, 1.f / l);
-    if (g == 0) p.lse[static_cast<int64_t>(bh) * p.total_queries + qi] = (m + log2f(l)) * kLn2;
+    if (g == 0) p.lse[static_cast<int64_t>(r.bh) * p.total_queries + qi] = (m + log2f(l)) * kLn2;
   }
 }
 
