@@ -1,0 +1,186 @@
+"""MLLMConfig: the whole model (vision tower, bridge, LLM) as one dataclass, with named presets."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+
+from ..config import PRESETS as RESAMPLER_PRESETS
+from ..config import CoSConfig
+
+__all__ = ["MLLMConfig", "MODEL_PRESETS", "PROJECTOR_BRIDGES", "BRIDGES"]
+
+# LLaVA's per-patch projectors; every other bridge name is a CoSConfig preset (cos-*, resampler-*).
+PROJECTOR_BRIDGES = ("linear", "mlp2x_gelu")
+BRIDGES = (*RESAMPLER_PRESETS, *PROJECTOR_BRIDGES)
+VISION_TYPES = ("clip", "siglip")
+
+
+@dataclass
+class MLLMConfig:
+    """Hyper-parameters of a CoSMLLM: ViT -> bridge -> LLaMA-architecture LLM.
+
+    Vision tower (ignored where ``vision_path`` names a local CLIP/SigLIP checkpoint):
+      vision_type "clip" | "siglip"; vision_width / vision_layers / vision_heads / vision_mlp;
+      patch_size; vision_image_size, the resolution its position table was made for.
+    image_size: the input resolution in pixels; when it differs from vision_image_size the position
+      embeddings are interpolated bicubically. grid = image_size // patch_size.
+    feature_layers: the ViT layers (1-based, 1..vision_layers) whose patch outputs feed the bridge;
+      None picks the SPEC's: (round(2L/3), L-1), i.e. 16 and 23 of 24, for a resampler, and the
+      single layer L-1 for a per-patch projector.
+    bridge: a CoSConfig preset ("cos-80", "cos-1296", "resampler-80", ...), whose window sides are
+      rescaled from the preset's grid to this grid, or "linear" / "mlp2x_gelu" (LLaVA's projectors).
+    bridge_dim / bridge_heads: the resampler's width and heads.
+    LLM (ignored where ``llm_path`` names a local causal-LM checkpoint): LLaMA architecture with
+      llm_width / llm_layers / llm_heads / llm_kv_heads / llm_mlp / vocab_size / max_positions.
+    tokenizer_path: a local tokenizer; None builds the byte-level one in-process.
+    seed: random initialisation seed (each component seeded on its own, see CoSMLLM).
+    """
+
+    vision_type: str = "clip"
+    vision_path: str | None = None
+    vision_width: int = 1024
+    vision_layers: int = 24
+    vision_heads: int = 16
+    vision_mlp: int = 4096
+    patch_size: int = 14
+    vision_image_size: int = 224
+    image_size: int = 224
+    feature_layers: list | None = None
+    bridge: str = "cos-80"
+    bridge_dim: int = 1024
+    bridge_heads: int = 16
+    llm_path: str | None = None
+    llm_width: int = 4096
+    llm_layers: int = 32
+    llm_heads: int = 32
+    llm_kv_heads: int = 32
+    llm_mlp: int = 11008
+    vocab_size: int = 32000
+    max_positions: int = 4096
+    tokenizer_path: str | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.vision_type not in VISION_TYPES:
+            raise ValueError(f"MLLMConfig.vision_type must be one of {VISION_TYPES}, got {self.vision_type!r}")
+        if self.bridge not in BRIDGES:
+            raise ValueError(f"MLLMConfig.bridge must be one of {list(BRIDGES)}, got {self.bridge!r}")
+        for name in ("vision_width", "vision_layers", "vision_heads", "vision_mlp", "patch_size",
+                     "vision_image_size", "image_size", "bridge_dim", "bridge_heads", "llm_width",
+                     "llm_layers", "llm_heads", "llm_kv_heads", "llm_mlp", "vocab_size", "max_positions"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"MLLMConfig.{name} must be a positive integer, got {value!r}")
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"MLLMConfig.image_size = {self.image_size} must be a multiple of patch_size = {self.patch_size}"
+            )
+        if self.feature_layers is not None:
+            self.feature_layers = list(self.feature_layers)
+            if not self.feature_layers:
+                raise ValueError("MLLMConfig.feature_layers must name at least one layer, got []")
+            if self.vision_path is None:
+                self.check_feature_layers(self.vision_layers)
+        if self.is_projector and self.feature_layers is not None and len(self.feature_layers) != 1:
+            raise ValueError(
+                f"bridge {self.bridge!r} takes one feature layer, got feature_layers={self.feature_layers}"
+            )
+
+    # ---- derived ----------------------------------------------------------------------------
+    @property
+    def grid(self) -> int:
+        """Patches per side at image_size."""
+        return self.image_size // self.patch_size
+
+    @property
+    def is_projector(self) -> bool:
+        return self.bridge in PROJECTOR_BRIDGES
+
+    def layers_for(self, num_vision_layers: int) -> list[int]:
+        """The feature layers for a ViT with ``num_vision_layers`` layers (defaults filled in)."""
+        if self.feature_layers is not None:
+            return self.check_feature_layers(num_vision_layers)
+        last = num_vision_layers - 1 if num_vision_layers > 1 else 1
+        if self.is_projector:
+            return [last]
+        return sorted({max(1, round(2 * num_vision_layers / 3)), last})
+
+    def check_feature_layers(self, num_vision_layers: int) -> list[int]:
+        for layer in self.feature_layers:
+            if isinstance(layer, bool) or not isinstance(layer, int) or not 1 <= layer <= num_vision_layers:
+                raise ValueError(
+                    f"MLLMConfig.feature_layers = {self.feature_layers}: each must be a layer 1.."
+                    f"{num_vision_layers} of the ViT, got {layer!r}"
+                )
+        return list(self.feature_layers)
+
+    def resampler_config(self, vision_width: int, llm_width: int, num_levels: int) -> CoSConfig:
+        """The CoSConfig of the bridge preset, its window sides rescaled to this grid."""
+        if self.is_projector:
+            raise ValueError(f"bridge {self.bridge!r} is a per-patch projector, not a resampler")
+        preset = CoSConfig.from_preset(self.bridge)
+        (preset_grid, _), grid = preset.grid, self.grid
+        windows = []
+        for w in preset.windows:
+            side = w * grid / preset_grid
+            if side != int(side) or grid % int(side):
+                raise ValueError(
+                    f"bridge {self.bridge!r} (windows {preset.windows} on grid {preset_grid}) cannot be "
+                    f"rescaled to grid {grid} (image_size {self.image_size} / patch {self.patch_size}): "
+                    f"window {w} would become {side:g} patches; pick an image size whose grid is a "
+                    f"multiple of {preset_grid // min(preset.windows)}"
+                )
+            windows.append(int(side))
+        return CoSConfig.from_preset(
+            self.bridge, grid=grid, windows=windows, vision_dim=vision_width, dim=self.bridge_dim,
+            num_heads=self.bridge_heads, llm_dim=llm_width, num_levels=num_levels, drop_cls=False,
+        )
+
+    # ---- presets and serialisation ----------------------------------------------------------
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "MLLMConfig":
+        """A named preset (see MODEL_PRESETS), with any field overridden by keyword."""
+        if name not in MODEL_PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; known presets: {sorted(MODEL_PRESETS)}")
+        return cls.from_dict({**MODEL_PRESETS[name], **overrides})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MLLMConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown MLLMConfig fields {unknown}; known fields: {sorted(known)}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+_VIT_L14 = dict(vision_width=1024, vision_layers=24, vision_heads=16, vision_mlp=4096, patch_size=14,
+                bridge_dim=1024, bridge_heads=16)
+# LLaMA-2-7B (Vicuna-7B, the paper's LLM) and TinyLlama-1.1B architectures.
+_LLM_7B = dict(llm_width=4096, llm_layers=32, llm_heads=32, llm_kv_heads=32, llm_mlp=11008,
+               vocab_size=32000, max_positions=4096)
+_LLM_1B = dict(llm_width=2048, llm_layers=22, llm_heads=32, llm_kv_heads=4, llm_mlp=5632,
+               vocab_size=32000, max_positions=4096)
+
+MODEL_PRESETS: dict[str, dict] = {
+    # CPU-sized: 64 px images, 8x8 patches -> an 8x8 grid; cos-80 rescales to windows [8, 2].
+    "tiny": dict(vision_width=64, vision_layers=6, vision_heads=4, vision_mlp=256, patch_size=8,
+                 vision_image_size=64, image_size=64, bridge_dim=64, bridge_heads=4,
+                 llm_width=96, llm_layers=3, llm_heads=4, llm_kv_heads=4, llm_mlp=256,
+                 vocab_size=320, max_positions=2048),
+    # GPU-sized proxies: CLIP ViT-L/14 (position table of the 224 px model, or the 336 px one) with
+    # random weights unless vision_path / llm_path are given.
+    **{
+        f"vitl14-{px}-{llm}": dict(**_VIT_L14, **llm_arch, image_size=px,
+                                   vision_image_size=336 if px == 336 else 224)
+        for px in (224, 336, 448)
+        for llm, llm_arch in (("7b", _LLM_7B), ("1b", _LLM_1B))
+    },
+}

@@ -1,0 +1,89 @@
+"""VisionTower: a frozen CLIP or SigLIP ViT returning the patch features of chosen layers."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import MLLMConfig
+
+__all__ = ["VisionTower"]
+
+# Per-channel normalisation the ViTs were trained with (images arrive in [0, 1]).
+_NORMALISATION = {
+    "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+    "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+}
+
+
+def _build_vit(config: MLLMConfig) -> tuple[nn.Module, str]:
+    """The transformers vision model: random init from the config, or loaded from vision_path."""
+    from transformers import (AutoConfig, CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig,
+                              SiglipVisionModel)
+
+    models = {"clip": CLIPVisionModel, "siglip": SiglipVisionModel}
+    if config.vision_path is not None:
+        model_type = AutoConfig.from_pretrained(config.vision_path, local_files_only=True).model_type
+        kind = "siglip" if model_type.startswith("siglip") else "clip" if model_type.startswith("clip") else None
+        if kind is None:
+            raise ValueError(
+                f"vision_path {config.vision_path!r} holds a {model_type!r} model; expected CLIP or SigLIP"
+            )
+        return models[kind].from_pretrained(config.vision_path, local_files_only=True), kind
+    common = dict(hidden_size=config.vision_width, num_hidden_layers=config.vision_layers,
+                  num_attention_heads=config.vision_heads, intermediate_size=config.vision_mlp,
+                  image_size=config.vision_image_size, patch_size=config.patch_size)
+    if config.vision_type == "clip":
+        return CLIPVisionModel(CLIPVisionConfig(**common)), "clip"
+    return SiglipVisionModel(SiglipVisionConfig(**common, vision_use_head=False)), "siglip"
+
+
+class VisionTower(nn.Module):
+    """Frozen ViT (both training stages keep it frozen): images -> patch features of some layers.
+
+    forward(pixel_values (B, 3, H, W) in [0, 1], H and W multiples of patch_size)
+        -> list, one (B, GH * GW, width) tensor per feature layer, CLS dropped, patches in raster order.
+    At a resolution other than the ViT's own, its position embeddings are interpolated bicubically.
+    Layers after the last feature layer are removed: they would never be used.
+    """
+
+    def __init__(self, config: MLLMConfig):
+        super().__init__()
+        self.vit, kind = _build_vit(config)
+        vit_config = self.vit.config
+        self.width = vit_config.hidden_size
+        self.patch_size = vit_config.patch_size
+        self.native_image_size = vit_config.image_size
+        self.feature_layers = config.layers_for(vit_config.num_hidden_layers)
+        self._truncate(max(self.feature_layers))
+        mean, std = _NORMALISATION[kind]
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self.requires_grad_(False)
+        self.eval()
+
+    def _truncate(self, num_layers: int) -> None:
+        encoder = next(m for m in self.vit.modules() if isinstance(getattr(m, "layers", None), nn.ModuleList))
+        encoder.layers = encoder.layers[:num_layers]
+
+    def train(self, mode: bool = True) -> "VisionTower":
+        """Always in eval mode: the tower is frozen."""
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
+            raise ValueError(f"pixel_values must have shape (B, 3, H, W), got {tuple(pixel_values.shape)}")
+        H, W = pixel_values.shape[-2:]
+        if H % self.patch_size or W % self.patch_size:
+            raise ValueError(
+                f"pixel_values is {H}x{W} px; both sides must be multiples of the patch size {self.patch_size}"
+            )
+        x = (pixel_values - self.mean) / self.std
+        out = self.vit(
+            pixel_values=x,
+            output_hidden_states=True,
+            interpolate_pos_encoding=(H, W) != (self.native_image_size,) * 2,
+        )
+        num_patches = (H // self.patch_size) * (W // self.patch_size)
+        return [out.hidden_states[layer][:, -num_patches:] for layer in self.feature_layers]

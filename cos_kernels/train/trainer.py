@@ -1,0 +1,323 @@
+"""Trainer: Chain-of-Sight's two stages (pretrain, finetune) with AdamW and a cosine schedule.
+
+One optimizer step = gradient accumulation over micro-batches:
+    fetch every micro-batch of the step (data time)
+    count the step's caption tokens over all ranks, so the loss is a mean over the global batch
+    forward + backward each micro-batch (gradients reduced across ranks on the last one)
+    clip, check the loss and gradient norm are finite, step optimizer and schedule (compute time)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..mllm import IGNORE_INDEX, CaptionCollator, CoSMLLM, MLLMConfig
+from ..resampler import MultiScaleResampler
+from .checkpoint import (check_frozen_checksums, frozen_checksums, load_trainer_state, load_weights,
+                         read_configs, resolve_checkpoint, save_checkpoint)
+from .config import TrainConfig
+from .data import MicroBatchStream, build_eval_dataset, build_train_dataset
+from .distributed import DistEnv, all_reduce_sum, setup_distributed, wrap_model
+from .evaluate import evaluate
+from .metrics import JsonlLog, StepMeter, peak_flops, peak_memory_gb, profile_components
+from .warmup import warm_up_llm
+
+__all__ = ["Trainer", "NonFiniteLossError", "cosine_with_warmup"]
+
+TRAINABLE = {"pretrain": ("bridge",), "finetune": ("bridge", "llm")}
+TINY_LLM_WARMUP_STEPS = 200
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or the gradient norm became NaN or Inf; the step was not applied."""
+
+
+def cosine_with_warmup(warmup_steps: int, total_steps: int):
+    """LR multiplier of step s (0-based): linear warm-up to 1 over warmup_steps, cosine to 0 at total_steps."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    return factor
+
+
+class Trainer:
+    """Builds the model for the stage, the data stream, optimizer, schedule; ``fit()`` trains."""
+
+    def __init__(self, config: TrainConfig, log=None):
+        self.config = config
+        self.env: DistEnv = setup_distributed(config)
+        self.run_dir = Path(config.run_dir)
+        self.log = log or (lambda msg: tqdm.write(msg) if self.env.is_main else None)
+        self.micro_batch, self.accum = self._batch_split()
+        self.precision = config.precision if config.precision != "auto" else (
+            "bf16" if self.env.device.type == "cuda" else "fp32")
+        torch.manual_seed(config.seed)
+
+        resume = self._resume_checkpoint()
+        self.model, self.checksums = self._build_model(resume)
+        self.model_config: MLLMConfig = self.model.config
+        self.collator = CaptionCollator(self.model.tokenizer, config.max_caption_tokens)
+        self.train_data = build_train_dataset(config, self.model_config.image_size)
+        self._cast_frozen()
+        self.model.to(self.env.device)
+        self.profile = profile_components(self.model, self._to_device(self.collator(
+            [self.train_data[i] for i in range(min(self.micro_batch, len(self.train_data)))])), self.autocast)
+        if config.grad_checkpointing:
+            self.model.enable_gradient_checkpointing()
+        self.wrapped = wrap_model(self.model, self.env)
+        # compiled for the training step only; evaluation (incremental decoding) runs eagerly
+        self.train_forward = torch.compile(self.wrapped) if config.compile else self.wrapped
+        params = [p for p in self.wrapped.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=config.peak_lr, weight_decay=config.weight_decay)
+        warmup = max(1, round(config.warmup_ratio * config.steps))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, cosine_with_warmup(warmup, config.steps))
+
+        self.step, self.losses, self.meter, position = 0, [], StepMeter(), 0
+        if resume is not None:
+            state = load_trainer_state(resume, self.wrapped, self.optimizer, self.scheduler, self.env)
+            self.step, self.losses, position = state["step"], state["losses"], state["data_position"]
+            self.meter.totals = state["meter_totals"]
+            self.log(f"resumed from {resume} at step {self.step}")
+        workers = config.num_workers if config.num_workers is not None else (4 if self.env.device.type == "cuda" else 0)
+        self.stream = MicroBatchStream(self.train_data, self.collator, self.micro_batch, config.seed,
+                                       self.env.rank, self.env.world_size, workers, position)
+        self.jsonl = JsonlLog(self.run_dir / "metrics.jsonl", self.env.is_main, append=resume is not None)
+        self.peak = peak_flops(self.env.device, config.peak_tflops)
+
+    # ---- construction -----------------------------------------------------------------------
+    def _batch_split(self) -> tuple[int, int]:
+        cfg, world = self.config, self.env.world_size
+        micro = cfg.micro_batch or max(1, cfg.global_batch // world)
+        if cfg.global_batch % (micro * world):
+            raise ValueError(
+                f"global_batch={cfg.global_batch} must be a multiple of micro_batch ({micro}) x processes ({world})"
+            )
+        return micro, cfg.global_batch // (micro * world)
+
+    def _resume_checkpoint(self) -> Path | None:
+        """The checkpoint to resume: config.resume, or with "auto" the run directory's latest if any."""
+        cfg = self.config
+        if cfg.resume is None or (cfg.resume == "auto" and not (self.run_dir / "checkpoints" / "latest").is_file()):
+            return None
+        path = resolve_checkpoint(self.run_dir if cfg.resume == "auto" else cfg.resume)
+        saved_stage = read_configs(path)["train"]["stage"]
+        if saved_stage != cfg.stage:
+            raise ValueError(f"resume={cfg.resume!r} is a {saved_stage!r} checkpoint; this run's stage is {cfg.stage!r}")
+        return path
+
+    def _build_model(self, resume: Path | None) -> tuple[CoSMLLM, dict]:
+        """The model of the stage, its trainable parts set, and the checksums of its frozen parts."""
+        cfg = self.config
+        if resume is not None:
+            saved = read_configs(resume)
+            model = _set_trainable(CoSMLLM(MLLMConfig.from_dict(saved["model"]), backend=cfg.backend), cfg.stage)
+            check_frozen_checksums(saved["frozen_checksums"], model, resume)
+            load_weights(resume, model)
+            return model, frozen_checksums(model)
+        if cfg.stage == "pretrain":
+            model_config = self._pretrain_model_config()
+            model = _set_trainable(CoSMLLM(model_config, backend=cfg.backend), cfg.stage)
+            return model, frozen_checksums(model)
+        source = resolve_checkpoint(cfg.init_from)
+        saved = read_configs(source)
+        if saved["train"]["stage"] != "pretrain":
+            raise ValueError(f"init_from={cfg.init_from!r} is a {saved['train']['stage']!r} checkpoint, not pretrain")
+        model = _set_trainable(CoSMLLM(MLLMConfig.from_dict(saved["model"]), backend=cfg.backend), "pretrain")
+        check_frozen_checksums(saved["frozen_checksums"], model, source)
+        load_weights(source, model)
+        pre = model.config
+        bridge = cfg.bridge or (("cos-1296" if pre.bridge.startswith("cos-") else pre.bridge))
+        model.scale_up(cfg.image_size or 2 * pre.image_size, bridge, cfg.scale_source)
+        self.log(f"fine-tuning from {source}: {pre.bridge} at {pre.image_size} px -> {bridge} at "
+                 f"{model.config.image_size} px ({model.num_visual_tokens} visual tokens)")
+        model = _set_trainable(model, cfg.stage)
+        return model, frozen_checksums(model)
+
+    def _pretrain_model_config(self) -> MLLMConfig:
+        cfg = self.config
+        overrides = {k: getattr(cfg, k) for k in ("bridge", "image_size", "vision_path", "llm_path",
+                                                  "tokenizer_path", "feature_layers") if getattr(cfg, k) is not None}
+        model_config = MLLMConfig.from_preset(cfg.model, seed=cfg.seed, **overrides)
+        steps = cfg.llm_warmup_steps
+        if steps is None:
+            steps = TINY_LLM_WARMUP_STEPS if cfg.model == "tiny" and model_config.llm_path is None else 0
+        if steps and model_config.llm_path is None:
+            captions = build_train_dataset(cfg, model_config.image_size)
+            model_config = warm_up_llm(model_config, captions, steps, self.run_dir, self.env, self.log)
+        return model_config
+
+    def _cast_frozen(self) -> None:
+        """With bf16, frozen parts are stored in bf16 (trainable ones stay fp32 master weights)."""
+        if self.precision == "bf16":
+            for name in ("vision", "llm"):
+                if name not in TRAINABLE[self.config.stage]:
+                    getattr(self.model, name).to(torch.bfloat16)
+
+    def autocast(self):
+        if self.precision == "bf16":
+            return torch.autocast(self.env.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.env.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                for k, v in batch.items()}
+
+    # ---- training ---------------------------------------------------------------------------
+    def train_step(self) -> dict:
+        """One optimizer step; returns its loss, grad norm, sample / token counts and times."""
+        env, device = self.env, self.env.device
+        start = time.perf_counter()
+        micro = [self.stream.next() for _ in range(self.accum)]
+        counts = torch.tensor([[(b["labels"] != IGNORE_INDEX).sum().item(), b["attention_mask"].sum().item(),
+                                len(b["skipped"]), len(b["ids"])] for b in micro], dtype=torch.float64).sum(0)
+        targets, text_tokens, skipped, samples = all_reduce_sum(counts.to(device), env).tolist()
+        micro = [self._to_device(b) for b in micro]
+        fetched = time.perf_counter()
+
+        self.wrapped.train()
+        loss_total = torch.zeros((), dtype=torch.float64, device=device)
+        for i, b in enumerate(micro):
+            with env.gradient_sync(self.wrapped, enabled=i == len(micro) - 1), self.autocast():
+                loss_sum, _ = self.train_forward(b["pixel_values"], b["input_ids"], b["attention_mask"], b["labels"])
+            (loss_sum * env.world_size / targets).backward()
+            loss_total += loss_sum.detach().double()
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm or float("inf"))
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        loss = (all_reduce_sum(loss_total, env) / targets).item()
+        grad_norm = float(norm)
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            last = (self.run_dir / "checkpoints" / "latest")
+            good = f"{self.run_dir / 'checkpoints' / last.read_text().strip()}" if last.is_file() else "none written yet"
+            raise NonFiniteLossError(
+                f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at step {self.step + 1} "
+                f"(loss {loss}, grad norm {grad_norm}): stopping without applying the step; last good "
+                f"checkpoint: {good}"
+            )
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        done = time.perf_counter()
+        self.step += 1
+        self.losses.append(loss)
+        return dict(loss=loss, grad_norm=grad_norm, lr=lr, samples=int(samples), text_tokens=int(text_tokens),
+                    skipped_images=int(skipped), data_time=fetched - start, compute_time=done - fetched)
+
+    def save(self) -> Path:
+        state = {"data_position": self.stream.position, "losses": self.losses, "meter_totals": self.meter.totals}
+        configs = {"model": self.model_config.to_dict(), "train": self.config.to_dict(),
+                   "frozen_checksums": self.checksums}
+        return save_checkpoint(self.run_dir, self.step, self.wrapped, self.optimizer, self.scheduler, self.env,
+                               configs, state, self.config.keep_checkpoints)
+
+    def fit(self) -> dict:
+        """Train to config.steps, checkpointing and reporting on the way; evaluate; return the summary."""
+        cfg, env = self.config, self.env
+        self.log(self._describe())
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not env.is_main, desc=cfg.stage, unit="step",
+                   dynamic_ncols=True, mininterval=1.0)
+        first_loss = self.losses[0] if self.losses else None
+        while self.step < cfg.steps:
+            out = self.train_step()
+            first_loss = first_loss if first_loss is not None else out["loss"]
+            self.meter.add(steps=1, **{k: v for k, v in out.items() if k != "lr"})
+            bar.update(1)
+            bar.set_postfix(loss=f"{out['loss']:.4f}", lr=f"{out['lr']:.2e}")
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                record = self.meter.report(self.step, out["lr"], self.model.num_visual_tokens,
+                                           self.profile.flops_per_sample, self.peak, env.world_size,
+                                           peak_memory_gb(env.device))
+                self.jsonl.write(record)
+                self.log(_format_record(record))
+            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
+                self.save()
+        bar.close()
+        checkpoint = self.save()
+        summary = self.summary(first_loss, checkpoint)
+        if env.is_main:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            self.log(_format_summary(summary))
+        return summary
+
+    def summary(self, first_loss: float | None, checkpoint: Path) -> dict:
+        cfg, t, env = self.config, self.meter.totals, self.env
+        eval_result = None
+        if cfg.eval_samples:
+            eval_data = build_eval_dataset(cfg, self.model_config.image_size)
+            eval_result = evaluate(self.wrapped, eval_data, self.collator, self.micro_batch, env, self.autocast)
+        run_time = t["data_time"] + t["compute_time"]
+        visual = self.model.num_visual_tokens
+        text = t["text_tokens"] / t["samples"] if t["samples"] else 0.0
+        return {
+            "stage": cfg.stage, "model": cfg.model, "bridge": self.model_config.bridge,
+            "image_size": self.model_config.image_size, "device": str(env.device), "processes": env.world_size,
+            "steps": self.step, "samples": t["samples"], "train_time_s": run_time,
+            "loss_first": first_loss, "loss_last": self.losses[-1] if self.losses else None,
+            "samples_per_s": t["samples"] / run_time if run_time else None,
+            "device_hours_per_1M_samples": run_time * env.world_size / t["samples"] * 1e6 / 3600 if t["samples"] else None,
+            "tokens_per_sample": {"visual": visual, "text": text, "llm": visual + text},
+            "time_split": self.profile.time_split(),
+            "flops_per_sample": self.profile.flops_per_sample,
+            "data_time_fraction": t["data_time"] / run_time if run_time else None,
+            "skipped_images": t["skipped_images"],
+            "eval": eval_result,
+            "checkpoint": str(checkpoint),
+        }
+
+    def _describe(self) -> str:
+        m, cfg, env = self.model, self.config, self.env
+        n_train = sum(p.numel() for p in m.parameters() if p.requires_grad)
+        n_all = sum(p.numel() for p in m.parameters())
+        kind = "resampler" if isinstance(m.bridge, MultiScaleResampler) else "projector"
+        return (f"{cfg.stage}: model {cfg.model}, {m.config.image_size} px, bridge {m.config.bridge} ({kind}, "
+                f"{m.num_visual_tokens} visual tokens), {n_train / 1e6:.2f}M of {n_all / 1e6:.2f}M parameters "
+                f"trained; {cfg.steps} steps x {cfg.global_batch} samples ({env.world_size} x {self.micro_batch} x "
+                f"{self.accum} accumulation) on {env.device} ({self.precision}, {env.mode}); run dir {self.run_dir}")
+
+
+def _set_trainable(model: CoSMLLM, stage: str) -> CoSMLLM:
+    for name in ("vision", "bridge", "llm"):
+        getattr(model, name).requires_grad_(name in TRAINABLE[stage])
+    return model
+
+
+def _format_record(r: dict) -> str:
+    mfu = f" mfu {r['mfu']:.1%}" if r["mfu"] is not None else ""
+    return (f"step {r['step']:>6} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | {r['samples_per_s']:.1f} samples/s "
+            f"| {r['visual_tokens_per_s']:.0f} visual tok/s | {r['llm_tokens_per_s']:.0f} LLM tok/s | step "
+            f"{r['step_time_s'] * 1000:.0f} ms (data {r['data_time_s'] * 1000:.0f}, compute "
+            f"{r['compute_time_s'] * 1000:.0f}) | peak mem {r['peak_mem_gb']:.2f} GiB{mfu}")
+
+
+def _format_summary(s: dict) -> str:
+    hours = "GPU-hours" if s["device"].startswith("cuda") else "device-hours"
+    split = ", ".join(f"{k} {v:.0%}" for k, v in s["time_split"].items())
+    tok = s["tokens_per_sample"]
+    lines = [
+        f"done: {s['steps']} steps, {s['samples']} samples in {s['train_time_s']:.1f} s; loss "
+        f"{s['loss_first']:.4f} -> {s['loss_last']:.4f}",
+        f"  {s['samples_per_s']:.1f} samples/s; {s['device_hours_per_1M_samples']:.2f} {hours} per 1M samples "
+        f"({s['processes']} process(es)); tokens per sample: {tok['visual']} visual + {tok['text']:.1f} text = "
+        f"{tok['llm']:.1f} LLM",
+        f"  time split: {split}; {s['flops_per_sample'] / 1e9:.2f} GFLOP per sample; data loading "
+        f"{s['data_time_fraction']:.0%} of the step time; skipped images: {s['skipped_images']}",
+    ]
+    if s["eval"]:
+        e = s["eval"]
+        lines.append(f"  held-out eval ({e['samples']} samples): caption loss {e['caption_loss']:.4f}, "
+                     f"exact match {e['exact_match']:.1%}")
+    lines.append(f"  checkpoint: {s['checkpoint']}")
+    return "\n".join(lines)
