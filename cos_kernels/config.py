@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .config_io import DictConfig
 from .layout import WindowLayout, _pair
 
 __all__ = ["CoSConfig", "PRESETS"]
 
 
 @dataclass
-class CoSConfig:
+class CoSConfig(DictConfig):
     """Hyper-parameters of a MultiScaleResampler.
 
     grid: the ViT's patch grid, an int or (GH, GW); image side = grid * patch_size pixels.
@@ -80,22 +80,6 @@ class CoSConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; known presets: {sorted(PRESETS)}")
         return cls.from_dict({**PRESETS[name], **overrides})
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["grid"] = list(self.grid)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "CoSConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown CoSConfig fields {unknown}; known fields: {sorted(known)}")
-        return cls(**d)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
 
     @classmethod
     def from_json(cls, text_or_path: str | Path) -> "CoSConfig":

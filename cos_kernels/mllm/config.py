@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from dataclasses import dataclass
 
 from ..config import PRESETS as RESAMPLER_PRESETS
 from ..config import CoSConfig
+from ..config_io import DictConfig
 
 __all__ = ["MLLMConfig", "MODEL_PRESETS", "PROJECTOR_BRIDGES", "BRIDGES"]
 
@@ -18,7 +17,7 @@ VISION_TYPES = ("clip", "siglip")
 
 
 @dataclass
-class MLLMConfig:
+class MLLMConfig(DictConfig):
     """Hyper-parameters of a CoSMLLM: ViT -> bridge -> LLaMA-architecture LLM.
 
     Vision tower (ignored where ``vision_path`` names a local CLIP/SigLIP checkpoint):
@@ -146,19 +145,7 @@ class MLLMConfig:
             raise ValueError(f"unknown model preset {name!r}; known presets: {sorted(MODEL_PRESETS)}")
         return cls.from_dict({**MODEL_PRESETS[name], **overrides})
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "MLLMConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown MLLMConfig fields {unknown}; known fields: {sorted(known)}")
-        return cls(**d)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
 
 
 _VIT_L14 = dict(vision_width=1024, vision_layers=24, vision_heads=16, vision_mlp=4096, patch_size=14,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from ..config_io import DictConfig
 from ..mllm.config import BRIDGES, MODEL_PRESETS
 
 __all__ = ["TrainConfig", "STAGES"]
@@ -24,7 +25,7 @@ def _opt(default, help: str, **kw):
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(DictConfig):
     stage: str = _opt("pretrain", "pretrain: ViT and LLM frozen, bridge trained; finetune: from a pretrain "
                       "checkpoint, compound token scaling, bridge and LLM trained", choices=STAGES)
     # ---- model ----
@@ -108,13 +109,3 @@ class TrainConfig:
     def run_dir(self) -> str:
         return self.out_dir or f"runs/{self.stage}"
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig fields {unknown}; known fields: {sorted(known)}")
-        return cls(**d)
