@@ -42,10 +42,7 @@ class CoSConfig(DictConfig):
         self.windows = [w if isinstance(w, int) else list(_pair(w, "window")) for w in self.windows]
         self.queries = list(self.queries)
         self.layout  # validates windows and queries against the grid
-        for name in ("patch_size", "vision_dim", "dim", "num_heads", "llm_dim", "num_levels"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"CoSConfig.{name} must be a positive integer, got {value!r}")
+        self.check_positive_ints("patch_size", "vision_dim", "dim", "num_heads", "llm_dim", "num_levels")
         if self.dim % self.num_heads:
             raise ValueError(
                 f"CoSConfig.dim = {self.dim} must be divisible by num_heads = {self.num_heads}"

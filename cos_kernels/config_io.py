@@ -7,8 +7,8 @@ import json
 
 
 class DictConfig:
-    """Mixin for a config dataclass: to_dict, from_dict (unknown fields refused, known ones listed)
-    and to_json."""
+    """Mixin for a config dataclass: to_dict, from_dict (unknown fields refused, known ones listed),
+    to_json, and the positive-integer check its __post_init__ uses."""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -23,3 +23,10 @@ class DictConfig:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
+
+    def check_positive_ints(self, *names: str) -> None:
+        """Raise ValueError naming the first of ``names`` whose value is not a positive integer."""
+        for name in names:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{type(self).__name__}.{name} must be a positive integer, got {value!r}")

@@ -66,12 +66,11 @@ class MLLMConfig(DictConfig):
             raise ValueError(f"MLLMConfig.vision_type must be one of {VISION_TYPES}, got {self.vision_type!r}")
         if self.bridge not in BRIDGES:
             raise ValueError(f"MLLMConfig.bridge must be one of {list(BRIDGES)}, got {self.bridge!r}")
-        for name in ("vision_width", "vision_layers", "vision_heads", "vision_mlp", "patch_size",
-                     "vision_image_size", "image_size", "bridge_dim", "bridge_heads", "llm_width",
-                     "llm_layers", "llm_heads", "llm_kv_heads", "llm_mlp", "vocab_size", "max_positions"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"MLLMConfig.{name} must be a positive integer, got {value!r}")
+        self.check_positive_ints(
+            "vision_width", "vision_layers", "vision_heads", "vision_mlp", "patch_size", "vision_image_size",
+            "image_size", "bridge_dim", "bridge_heads", "llm_width", "llm_layers", "llm_heads", "llm_kv_heads",
+            "llm_mlp", "vocab_size", "max_positions",
+        )
         if self.image_size % self.patch_size:
             raise ValueError(
                 f"MLLMConfig.image_size = {self.image_size} must be a multiple of patch_size = {self.patch_size}"

@@ -86,10 +86,9 @@ class TrainConfig(DictConfig):
             value = getattr(self, f.name)
             if choices and value is not None and value not in choices:
                 raise ValueError(f"TrainConfig.{f.name} must be one of {list(choices)}, got {value!r}")
-        for name in ("steps", "global_batch", "log_every", "max_caption_tokens", "train_samples", "keep_checkpoints"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"TrainConfig.{name} must be a positive integer, got {value!r}")
+        self.check_positive_ints(
+            "steps", "global_batch", "log_every", "max_caption_tokens", "train_samples", "keep_checkpoints"
+        )
         for name in ("eval_samples", "save_every", "num_workers", "micro_batch", "llm_warmup_steps", "image_size"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
