@@ -55,6 +55,7 @@ os.environ.setdefault("MKL_NUM_THREADS", str(ARGS.threads))
 import torch  # noqa: E402  (after the thread settings)
 
 from cos_kernels.mllm import MLLMConfig  # noqa: E402
+from cos_kernels.mllm.synthetic import FIELDS  # noqa: E402
 from cos_kernels.train import trainer as trainer_module  # noqa: E402
 from cos_kernels.train.config import TrainConfig  # noqa: E402
 from cos_kernels.train.data import build_train_dataset  # noqa: E402
@@ -78,6 +79,9 @@ class BlankImages(torch.utils.data.Dataset):
 
     def caption(self, index):
         return self.dataset.caption(index)
+
+    def fields(self, index):
+        return self.dataset.fields(index)
 
     def __getitem__(self, index):
         item = dict(self.dataset[index])
@@ -152,14 +156,16 @@ def main() -> int:
             f"{row['wall_s']:.0f} s")
 
     log("")
-    log(f"held-out synthetic captions ({args.eval_samples} scenes), tiny preset, seed {args.seed}")
-    header = ("| bridge | visual tokens | caption loss after pretrain | caption loss after finetune "
-              "| exact match | wall (s) |")
-    log(header)
-    log("|---|---:|---:|---:|---:|---:|")
+    log(f"held-out synthetic captions ({args.eval_samples} scenes), tiny preset, seed {args.seed}; word columns: "
+        "teacher-forced accuracy after finetune")
+    log("| bridge | visual tokens | caption loss after pretrain | caption loss after finetune | "
+        + " | ".join(FIELDS) + " | exact match | wall (s) |")
+    log("|---|" + "---:|" * (len(FIELDS) + 5))
     for r in results:
+        fine = r["finetune_eval"]
+        words = " | ".join(f"{fine['fields'][f]['accuracy']:.1%}" for f in FIELDS)
         log(f"| {r['bridge']} | {r['visual_tokens']} | {r['pretrain_eval']['caption_loss']:.4f} | "
-            f"{r['finetune_eval']['caption_loss']:.4f} | {r['finetune_eval']['exact_match']:.1%} | {r['wall_s']:.0f} |")
+            f"{fine['caption_loss']:.4f} | {words} | {fine['exact_match']:.1%} | {r['wall_s']:.0f} |")
     log(f"total wall time {time.perf_counter() - t0:.0f} s")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

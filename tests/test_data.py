@@ -42,6 +42,22 @@ def test_synthetic_images_show_what_the_caption_says(size):
             torch.testing.assert_close(image[:, y, x], torch.tensor(COLOURS[colour]))
 
 
+def test_scene_fields_span_the_captions_content_words():
+    """Scene.fields against a plain parse of the caption: count, background, then colour, kind and
+    position of each shape, in order, each span holding exactly that word."""
+    for index in range(30):
+        scene = make_scene(3, index)
+        caption = scene.caption
+        head, body = caption.rstrip(".").split(": ")
+        count, background = head.split(" on a ")
+        expected = [("count", count), ("background", background.removesuffix(" background"))]
+        for part in body.split(", "):
+            colour, kind, position = part.removeprefix("a ").split(" ", 2)
+            expected += [("colour", colour), ("kind", kind), ("position", position.removeprefix("at "))]
+        assert [(f, caption[a:b]) for f, a, b in scene.fields] == expected
+        assert SyntheticCaptions(40, 16, seed=3).fields(index) == scene.fields
+
+
 def write_llava_folder(root, corrupt: int = 1, missing: int = 1, good: int = 3):
     images = root / "images"
     images.mkdir(parents=True)

@@ -98,6 +98,24 @@ def test_loss_is_next_token_cross_entropy_on_caption_tokens_only(tiny):
     torch.testing.assert_close(loss_sum, expected, rtol=1e-5, atol=1e-4)
 
 
+def test_token_scores_are_per_token_cross_entropy_and_argmax(tiny):
+    b = batch_of(tiny, 3)
+    with torch.no_grad():
+        nll, correct = tiny(b["pixel_values"], b["input_ids"], b["attention_mask"], b["labels"], per_token=True)
+        loss_sum, _ = tiny(b["pixel_values"], b["input_ids"], b["attention_mask"], b["labels"])
+        visual = tiny.encode_images(b["pixel_values"])
+        V = visual.shape[1]
+        for i in range(3):  # one sample at a time, no padding: logits at V - 1 + t predict input token t
+            n = int(b["attention_mask"][i].sum())
+            ids = b["input_ids"][i, :n]
+            logits = tiny.llm(inputs_embeds=tiny.embed(visual[i:i + 1], ids[None])).logits[0, V:V + n - 1]
+            want_nll = F.cross_entropy(logits, ids[1:], reduction="none")
+            torch.testing.assert_close(nll[i, 1:n], want_nll, rtol=1e-5, atol=1e-4)
+            assert torch.equal(correct[i, 1:n], logits.argmax(-1) == ids[1:])
+            assert nll[i, 0] == 0 and not correct[i, 0] and (nll[i, n:] == 0).all() and not correct[i, n:].any()
+    torch.testing.assert_close(nll.sum(), loss_sum, rtol=1e-5, atol=1e-4)
+
+
 def test_padding_does_not_change_a_samples_loss(tiny):
     b = batch_of(tiny, 4)
     longest = int(b["attention_mask"].sum(1).argmax())

@@ -1,5 +1,6 @@
 """The training loop: stages, schedule, checkpoints and exact resume, NaN stop, CLI, two-process runs."""
 
+import contextlib
 import json
 import math
 import os
@@ -9,9 +10,15 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
+
+from cos_kernels.mllm import CaptionCollator, CoSMLLM, MLLMConfig, SyntheticCaptions
+from cos_kernels.mllm.synthetic import FIELDS
 
 from cos_kernels.train import NonFiniteLossError, TrainConfig, Trainer, cosine_with_warmup
 from cos_kernels.train.cli import main
+from cos_kernels.train.distributed import DistEnv
+from cos_kernels.train.evaluate import evaluate
 
 from test_data import write_llava_folder
 
@@ -139,6 +146,30 @@ def test_cli_pretrain_on_llava_data_reports_throughput(tmp_path, capsys):
     assert "needs init_from" in capsys.readouterr().err
 
 
+def test_field_accuracy_counts_words_right_under_teacher_forcing():
+    """evaluate()'s per-field numbers against a plain loop: a word is right when the argmax of the
+    full LLM logits is its byte at every one of its positions."""
+    model = CoSMLLM(MLLMConfig.from_preset("tiny"), backend="torch")
+    data = SyntheticCaptions(6, 64, seed=5)
+    collator = CaptionCollator(model.tokenizer)
+    result = evaluate(model, data, collator, 4, DistEnv("none", 0, 1, torch.device("cpu")), contextlib.nullcontext)
+    words = {f: [] for f in FIELDS}
+    with torch.no_grad():
+        for i in range(len(data)):
+            item = data[i]
+            ids = torch.tensor([model.tokenizer.bos_id, *item["caption"].encode(), model.tokenizer.eos_id])
+            visual = model.encode_images(item["pixel_values"][None])
+            logits = model.llm(inputs_embeds=model.embed(visual, ids[None])).logits[0, visual.shape[1]:-1]
+            nll = F.cross_entropy(logits, ids[1:], reduction="none")
+            for field, start, end in data.fields(i):  # character c is input token c + 1, predicted at c
+                words[field].append((bool((logits[start:end].argmax(-1) == ids[start + 1:end + 1]).all()),
+                                     float(nll[start:end].sum())))
+    assert set(result["fields"]) == set(FIELDS)
+    for field, seen in words.items():
+        assert result["fields"][field]["accuracy"] == pytest.approx(sum(r for r, _ in seen) / len(seen))
+        assert result["fields"][field]["nll"] == pytest.approx(sum(n for _, n in seen) / len(seen), rel=1e-4)
+
+
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_process_gloo_run_matches_one_process(pretrain_run, tmp_path, mode):
     """torchrun, two CPU processes on gloo, 2 x 2 samples per step == one process with 4."""
@@ -156,6 +187,6 @@ def test_two_process_gloo_run_matches_one_process(pretrain_run, tmp_path, mode):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in records] == pytest.approx(losses, rel=1e-5)
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["processes"] == 2 and summary["eval"]["samples"] == 2
+    assert summary["processes"] == 2 and summary["eval"]["samples"] == 2 and "fields" in summary["eval"]
     saved = torch.load(out / "checkpoints/step-0000004/trainer.pt", weights_only=False)
     assert len(saved["rng"]) == 2 and saved["data_position"] == 4

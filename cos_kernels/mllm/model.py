@@ -50,7 +50,8 @@ class CoSMLLM(nn.Module):
     bridge: seed + 1, LLM: seed + 2), so a frozen part is rebuilt identically from the config.
 
     forward(pixel_values (B, 3, H, W), input_ids (B, S), attention_mask (B, S), labels (B, S))
-        -> (loss_sum, num_targets): summed cross-entropy over the labelled tokens and their count.
+        -> (loss_sum, num_targets): summed cross-entropy over the labelled tokens and their count
+        (per_token=True: per-token nll and argmax correctness instead, see token_scores).
     labels[t] is the token input_ids[t] where it is a caption token or EOS, IGNORE_INDEX elsewhere
     (BOS, padding); the visual tokens carry no loss.
     """
@@ -104,6 +105,23 @@ class CoSMLLM(nn.Module):
     def caption_loss(self, visual: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                      labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The LLM part of forward, from visual tokens (B, V, D): (loss_sum, num_targets)."""
+        predicting, keep = self._predicting(visual, input_ids, attention_mask, labels)
+        logits = self.llm.get_output_embeddings()(predicting[keep])
+        loss_sum = F.cross_entropy(logits.float(), labels[keep], reduction="sum")
+        return loss_sum, keep.sum()
+
+    def token_scores(self, visual: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced scores per token, from visual tokens (B, V, D): (nll (B, S) float32,
+        correct (B, S) bool: the argmax is the label); both 0 / False where labels == IGNORE_INDEX."""
+        predicting, keep = self._predicting(visual, input_ids, attention_mask, labels)
+        logits = self.llm.get_output_embeddings()(predicting).float()
+        targets = labels.masked_fill(~keep, 0)
+        nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none").masked_fill(~keep, 0.0)
+        return nll, (logits.argmax(-1) == targets) & keep
+
+    def _predicting(self, visual, input_ids, attention_mask, labels) -> tuple[torch.Tensor, torch.Tensor]:
+        """The LLM's last hidden states that predict each input token (B, S, width), and the labelled mask."""
         if not input_ids.shape == attention_mask.shape == labels.shape:
             raise ValueError(
                 f"input_ids, attention_mask and labels must have one shape (B, S), got "
@@ -112,16 +130,14 @@ class CoSMLLM(nn.Module):
         B, V = visual.shape[:2]
         mask = torch.cat([attention_mask.new_ones(B, V), attention_mask], dim=1)
         hidden = self.llm.base_model(inputs_embeds=self.embed(visual, input_ids), attention_mask=mask).last_hidden_state
-        # position V - 1 + t predicts input token t; only labelled ones reach the LM head
-        predicting = hidden[:, V - 1:-1]
-        keep = labels != IGNORE_INDEX
-        logits = self.llm.get_output_embeddings()(predicting[keep])
-        loss_sum = F.cross_entropy(logits.float(), labels[keep], reduction="sum")
-        return loss_sum, keep.sum()
+        # position V - 1 + t predicts input token t
+        return hidden[:, V - 1:-1], labels != IGNORE_INDEX
 
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.caption_loss(self.encode_images(pixel_values), input_ids, attention_mask, labels)
+                labels: torch.Tensor, per_token: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss_sum, num_targets), or with per_token=True token_scores' (nll (B, S), correct (B, S))."""
+        score = self.token_scores if per_token else self.caption_loss
+        return score(self.encode_images(pixel_values), input_ids, attention_mask, labels)
 
     @torch.no_grad()
     def generate(self, pixel_values: torch.Tensor, max_new_tokens: int, stop_at_eos: bool = True) -> torch.Tensor:

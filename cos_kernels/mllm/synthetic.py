@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["Scene", "SyntheticCaptions", "make_scene", "render_scene"]
+__all__ = ["FIELDS", "Scene", "SyntheticCaptions", "make_scene", "render_scene"]
 
 BACKGROUNDS = {"black": (0.05, 0.05, 0.05), "gray": (0.5, 0.5, 0.5), "white": (0.95, 0.95, 0.95)}
 COLOURS = {"red": (0.9, 0.1, 0.1), "green": (0.1, 0.75, 0.2), "blue": (0.15, 0.25, 0.95),
@@ -23,6 +23,7 @@ COLOURS = {"red": (0.9, 0.1, 0.1), "green": (0.1, 0.75, 0.2), "blue": (0.15, 0.2
 SHAPES = ("circle", "square", "triangle")
 POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
 COUNTS = ("one shape", "two shapes", "three shapes")
+FIELDS = ("count", "background", "colour", "kind", "position")  # the caption's content words (Scene.fields)
 
 
 @dataclass(frozen=True)
@@ -44,8 +45,27 @@ class Scene:
 
     @property
     def caption(self) -> str:
-        parts = [f"a {s.colour} {s.kind} at {POSITIONS[s.cell]}" for s in self.shapes]
-        return f"{COUNTS[len(self.shapes) - 1]} on a {self.background} background: {', '.join(parts)}."
+        return "".join(text for text, _ in self._pieces())
+
+    @property
+    def fields(self) -> list[tuple[str, int, int]]:
+        """The caption's content words as (field, start, end) character spans, field one of FIELDS:
+        "count" and "background" (global), "colour", "kind" and "position" (one each per shape)."""
+        spans, at = [], 0
+        for text, field in self._pieces():
+            if field is not None:
+                spans.append((field, at, at + len(text)))
+            at += len(text)
+        return spans
+
+    def _pieces(self) -> list[tuple[str, str | None]]:
+        """The caption as consecutive (text, field or None) pieces."""
+        pieces = [(COUNTS[len(self.shapes) - 1], "count"), (" on a ", None), (self.background, "background"),
+                  (" background: ", None)]
+        for i, s in enumerate(self.shapes):
+            pieces += [(", " if i else "", None), ("a ", None), (s.colour, "colour"), (" ", None),
+                       (s.kind, "kind"), (" at ", None), (POSITIONS[s.cell], "position")]
+        return [*pieces, (".", None)]
 
 
 def make_scene(seed: int, index: int) -> Scene:
@@ -101,6 +121,10 @@ class SyntheticCaptions(Dataset):
     def caption(self, index: int) -> str:
         """The caption of item ``index`` alone (no image rendered)."""
         return make_scene(self.seed, index).caption
+
+    def fields(self, index: int) -> list[tuple[str, int, int]]:
+        """The content-word spans of item ``index``'s caption (Scene.fields)."""
+        return make_scene(self.seed, index).fields
 
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self.num_samples:

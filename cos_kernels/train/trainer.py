@@ -319,5 +319,8 @@ def _format_summary(s: dict) -> str:
         e = s["eval"]
         lines.append(f"  held-out eval ({e['samples']} samples): caption loss {e['caption_loss']:.4f}, "
                      f"exact match {e['exact_match']:.1%}")
+        if "fields" in e:
+            words = ", ".join(f"{f} {v['accuracy']:.0%}" for f, v in e["fields"].items())
+            lines.append(f"  teacher-forced word accuracy: {words}")
     lines.append(f"  checkpoint: {s['checkpoint']}")
     return "\n".join(lines)
