@@ -13,6 +13,7 @@ import json
 import os
 import tempfile
 from dataclasses import replace
+from operator import attrgetter
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .config import CoSConfig
+from .grouped_linear import grouped_linear
 from .layout import WindowLayout
 from .ops import BACKENDS, multiscale_window_attention
 
@@ -61,9 +63,11 @@ class MultiScaleResampler(nn.Module):
     CLS token when config.drop_cls, or (B, vision_dim, GH, GW).
 
     backend: the attention backend ("auto", "torch", or a fused one; see cos_kernels.ops).
-    fused: compute what scales share once (one normalisation and one K/V product for all scales,
-        level-1 queries once per call rather than per image); False runs the plain block structure.
-        Both give the same function of the same parameters.
+    fused: compute what scales share once (LayerNorm affines folded into the products after them,
+        so one normalisation per LayerNorm stage and one K/V product for all scales; the query
+        side's products grouped over scales, see grouped_linear; level-1 queries once per call
+        rather than per image); False runs the plain block structure. Both give the same function
+        of the same parameters.
     """
 
     def __init__(self, config: CoSConfig, backend: str = "auto", fused: bool = True):
@@ -110,17 +114,20 @@ class MultiScaleResampler(nn.Module):
         levels = self._feature_levels(features)
         B = levels[0].shape[0]
         if self.fused:
-            # Level 1's queries are the same for every image: (n_s, dim) per scale, broadcast over the
-            # batch only where they meet the image.
-            level, x = self._fused_level, list(self.queries)
+            # One (Q, dim) tensor, scales side by side. Level 1's queries are the same for every
+            # image: broadcast over the batch only where they meet the image.
+            x = torch.cat(list(self.queries))
+            for blocks, f in zip(self.levels, levels):
+                x = self._fused_level(blocks, x, f)
         else:
-            level, x = self._reference_level, [q.expand(B, -1, -1) for q in self.queries]
-        for blocks, f in zip(self.levels, levels):
-            x = level(blocks, x, f)
-        return self.proj_out(self.norm_out(torch.cat(x, dim=1)))
+            x = [q.expand(B, -1, -1) for q in self.queries]
+            for blocks, f in zip(self.levels, levels):
+                x = self._reference_level(blocks, x, f)
+            x = torch.cat(x, dim=1)
+        return self.proj_out(self.norm_out(x))
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[torch.Tensor]:
-        """q (B or 1, Q, dim); k, v (B, S, N, dim), any strides -> per scale (B, n_s, dim).
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q (B or 1, Q, dim); k, v (B, S, N, dim), any strides -> (B, Q, dim).
         A q without the batch reaches the op as a batch-broadcast (stride-0) view."""
         cfg, layout = self.config, self.layout
         B, S, N, _ = k.shape
@@ -129,38 +136,48 @@ class MultiScaleResampler(nn.Module):
         o = multiscale_window_attention(
             q, k.view(B, S, N, H, D), v.view(B, S, N, H, D), layout, backend=self.backend
         )
-        return o.reshape(B, -1, cfg.dim).split(list(layout.queries), dim=1)
+        return o.reshape(B, -1, cfg.dim)
 
     def _reference_level(self, blocks, x: list[torch.Tensor], f: torch.Tensor) -> list[torch.Tensor]:
         """The plain block structure, scale by scale. x[s]: (B, n_s, dim); f: (B, N, vision_dim)."""
         q = torch.cat([blk.to_q(blk.norm_q(xs)) for blk, xs in zip(blocks, x)], dim=1)
         k = torch.stack([blk.to_k(blk.norm_kv(f)) for blk in blocks], dim=1)
         v = torch.stack([blk.to_v(blk.norm_kv(f)) for blk in blocks], dim=1)
-        o = self._attend(q, k, v)
+        o = self._attend(q, k, v).split(list(self.layout.queries), dim=1)
         return [blk.ffn(xs + blk.to_out(os)) for blk, xs, os in zip(blocks, x, o)]
 
-    def _fused_level(self, blocks, x: list[torch.Tensor], f: torch.Tensor) -> list[torch.Tensor]:
-        """The same function with shared work done once. x[s]: (n_s, dim) at level 1, else
-        (B, n_s, dim); f: (B, N, vision_dim).
+    def _fused_level(self, blocks, x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        """The same function with shared work done once. x: every scale's queries side by side,
+        (Q, dim) at level 1, else (B, Q, dim); f: (B, N, vision_dim) -> (B, Q, dim).
 
-        K/V: LN_s(f) W = norm(f) (diag(gamma_s) W) + beta_s W, so one normalisation of f and one
-        product with every scale's folded K and V weights, read by the op through strides.
-        Q: at level 1 the queries are image-independent, so Q is computed once, without the batch.
+        Each LayerNorm's affine folds into the linear after it: LN_s(x) W_s^T + b_s =
+        norm(x) (W_s diag(gamma_s))^T + (W_s beta_s + b_s), so every norm stage is one plain
+        normalisation of all rows and one product per stage with the scales' folded, stacked weights:
+        K/V one product of norm(f) for all scales (read by the op through strides), the query side
+        grouped_linear over the scales' segments. Residual adds and GELU run once over all rows.
+        At level 1 the queries are image-independent, so Q is computed once, without the batch.
         """
         B, N, _ = f.shape
-        S, dim = len(blocks), self.config.dim
-        f_hat = F.layer_norm(f, f.shape[-1:], eps=self.config.norm_eps)
-        weight = torch.stack(
-            [torch.stack([blk.to_k.weight, blk.to_v.weight]) * blk.norm_kv.weight for blk in blocks]
-        )  # (S, 2, dim, vision_dim)
-        bias = torch.stack(
-            [torch.stack([blk.to_k.weight, blk.to_v.weight]) @ blk.norm_kv.bias for blk in blocks]
-        )  # (S, 2, dim)
-        kv = F.linear(f_hat, weight.flatten(0, 2), bias.flatten()).view(B, N, S, 2, dim)
+        S, dim, eps, sizes = len(blocks), self.config.dim, self.config.norm_eps, self.layout.queries
+
+        def stacked(*names):  # each named parameter of every block, stacked: (S, ...)
+            return torch.stack([attrgetter(n)(blk) for blk in blocks for n in names])
+
+        def folded(norm, weight, bias=None):  # norm's affine folded into weight (S, out, in), bias
+            gamma, beta = stacked(f"{norm}.weight", f"{norm}.bias").view(S, 2, -1).unbind(1)
+            return _fold(weight, gamma, beta, bias)
+
+        w_kv, b_kv = folded("norm_kv", stacked("to_k.weight", "to_v.weight").view(S, 2 * dim, -1))
+        kv = F.linear(F.layer_norm(f, f.shape[-1:], eps=eps), w_kv.flatten(0, 1), b_kv.flatten())
+        kv = kv.view(B, N, S, 2, dim)
         k, v = kv[:, :, :, 0].transpose(1, 2), kv[:, :, :, 1].transpose(1, 2)  # (B, S, N, dim)
-        q = torch.cat([blk.to_q(blk.norm_q(xs)) for blk, xs in zip(blocks, x)], dim=-2)
+        w_q, b_q = folded("norm_q", stacked("to_q.weight"))
+        q = grouped_linear(F.layer_norm(x, (dim,), eps=eps), w_q, b_q, sizes)
         o = self._attend(q if q.dim() == 3 else q.unsqueeze(0), k, v)
-        return [blk.ffn(xs + blk.to_out(os)) for blk, xs, os in zip(blocks, x, o)]
+        x = x + grouped_linear(o, stacked("to_out.weight"), stacked("to_out.bias"), sizes)
+        w_1, b_1 = folded("norm_ffn", stacked("fc1.weight"), stacked("fc1.bias"))
+        h = F.gelu(grouped_linear(F.layer_norm(x, (dim,), eps=eps), w_1, b_1, sizes))
+        return x + grouped_linear(h, stacked("fc2.weight"), stacked("fc2.bias"), sizes)
 
     def _feature_levels(self, features) -> list[torch.Tensor]:
         """Check and normalise the input: a list of (B, N, vision_dim) tensors, one per level."""
@@ -298,6 +315,16 @@ class MultiScaleResampler(nn.Module):
                 )
         model.load_state_dict(state)
         return model
+
+
+def _fold(weight, gamma, beta, bias=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """LN with affine (gamma, beta) then x W^T + bias, per scale, as norm(x) (W diag(gamma))^T +
+    (W beta + bias). weight (S, out, in); gamma, beta (S, in); bias (S, out) or None ->
+    the folded weight (S, out, in) and bias (S, out)."""
+    folded_bias = (weight @ beta.unsqueeze(-1)).squeeze(-1)
+    if bias is not None:
+        folded_bias = folded_bias + bias
+    return weight * gamma.unsqueeze(1), folded_bias
 
 
 def _atomic_write(path: Path, write) -> None:
