@@ -33,11 +33,12 @@ def test_default_feature_layers_follow_the_spec():
 def test_presets_and_bridge_rescaling():
     assert MLLMConfig.from_preset("vitl14-336-7b").resampler_config(1024, 4096, 2).windows == [24, 6]
     assert MLLMConfig.from_preset("vitl14-448-1b").resampler_config(1024, 2048, 2).windows == [32, 8]
-    assert MLLMConfig.from_preset("tiny", image_size=128, bridge="cos-1296").resampler_config(64, 96, 2).windows == [16, 4, 1]
+    assert MLLMConfig.from_preset("tiny", image_size=128, bridge="cos-1296").resampler_config(64, 96, 2).windows == [32, 8, 2]
+    assert MLLMConfig.from_preset("tiny", image_size=32).resampler_config(64, 96, 2).windows == [8, 2]
     with pytest.raises(ValueError, match="cannot be rescaled to grid 24"):
         MLLMConfig.from_preset("vitl14-336-7b", bridge="cos-1296").resampler_config(1024, 4096, 2)
     with pytest.raises(ValueError, match="multiple of patch_size"):
-        MLLMConfig.from_preset("tiny", image_size=60)
+        MLLMConfig.from_preset("tiny", image_size=62)
     with pytest.raises(ValueError, match="bridge must be one of"):
         MLLMConfig(bridge="qformer")
     with pytest.raises(ValueError, match="unknown model preset"):
@@ -51,20 +52,20 @@ def test_vision_tower_drops_cls_and_interpolates_positions(vision_type):
     tower = VisionTower(config)
     pixels = torch.rand(2, 3, 64, 64)
     features = tower(pixels)
-    assert [tuple(f.shape) for f in features] == [(2, 64, 64)] * 2
+    assert [tuple(f.shape) for f in features] == [(2, 256, 64)] * 2
     # independent of the wrapper: the ViT's own hidden states, normalised input, CLS (if any) removed
     hidden = tower.vit(pixel_values=(pixels - tower.mean) / tower.std, output_hidden_states=True).hidden_states
     for f, layer in zip(features, [4, 5]):
-        torch.testing.assert_close(f, hidden[layer][:, -64:])
+        torch.testing.assert_close(f, hidden[layer][:, -256:])
     assert len(hidden) == 1 + 5  # embeddings and layers 1..5: the tower was cut after its last feature layer
-    assert [tuple(f.shape) for f in tower(torch.rand(1, 3, 128, 128))] == [(1, 256, 64)] * 2
+    assert [tuple(f.shape) for f in tower(torch.rand(1, 3, 128, 128))] == [(1, 1024, 64)] * 2
     with pytest.raises(ValueError, match="multiples of the patch size"):
-        tower(torch.rand(1, 3, 60, 64))
+        tower(torch.rand(1, 3, 62, 64))
 
 
 @pytest.mark.parametrize("bridge, tokens, kind", [
     ("cos-80", 80, MultiScaleResampler), ("resampler-80", 80, MultiScaleResampler),
-    ("linear", 64, PatchProjector), ("mlp2x_gelu", 64, PatchProjector),
+    ("linear", 256, PatchProjector), ("mlp2x_gelu", 256, PatchProjector),
 ])
 def test_every_bridge_yields_llm_width_visual_tokens(bridge, tokens, kind):
     model = CoSMLLM(MLLMConfig.from_preset("tiny", bridge=bridge), backend="torch")
@@ -152,7 +153,7 @@ def test_compound_scale_up_inflates_the_pretrained_resampler():
     old_bridge = {k: v.clone() for k, v in model.bridge.state_dict().items()}
     old_llm = {k: v.clone() for k, v in model.llm.state_dict().items()}
     model.scale_up(128, "cos-1296")
-    assert model.config.image_size == 128 and model.bridge.config.windows == [16, 4, 1]
+    assert model.config.image_size == 128 and model.bridge.config.windows == [32, 8, 2]
     assert model.num_visual_tokens == 1296
     for level in range(2):
         for new_scale, source in enumerate([0, 0, 1]):

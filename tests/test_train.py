@@ -87,7 +87,7 @@ def test_finetune_starts_from_the_pretrained_weights(pretrain_run, tmp_path):
     config, _ = pretrain_run
     pre = Trainer(tiny_config(tmp_path, "pre", resume=config.out_dir))  # the step-4 weights
     ft = Trainer(tiny_config(tmp_path, "ft", stage="finetune", init_from=config.out_dir, bridge="cos-336", steps=1))
-    assert ft.model.config.image_size == 128 and ft.model.bridge.config.windows == [16, 8, 2]
+    assert ft.model.config.image_size == 128 and ft.model.bridge.config.windows == [32, 16, 4]
     assert ft.config.peak_lr == 2e-5 and ft.model.num_visual_tokens == 336
     old = pre.model.bridge.state_dict()
     for level in range(2):
@@ -138,7 +138,7 @@ def test_cli_pretrain_on_llava_data_reports_throughput(tmp_path, capsys):
     assert "llm warm-up step 2/2" in printed.out + printed.err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["skipped_images"] == 6  # per epoch: 003 and 004 when reading 003, 004 when reading 004
-    assert summary["tokens_per_sample"]["visual"] == 64 and summary["eval"]["samples"] == 2
+    assert summary["tokens_per_sample"]["visual"] == 256 and summary["eval"]["samples"] == 2
     assert set(summary["time_split"]) == {"vision", "bridge", "llm"}
     assert summary["steps"] == 2 and summary["samples"] == 10
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2

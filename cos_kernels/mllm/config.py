@@ -156,8 +156,9 @@ _LLM_1B = dict(llm_width=2048, llm_layers=22, llm_heads=32, llm_kv_heads=4, llm_
                vocab_size=32000, max_positions=4096)
 
 MODEL_PRESETS: dict[str, dict] = {
-    # CPU-sized: 64 px images, 8x8 patches -> an 8x8 grid; cos-80 rescales to windows [8, 2].
-    "tiny": dict(vision_width=64, vision_layers=6, vision_heads=4, vision_mlp=256, patch_size=8,
+    # CPU-sized: 64 px images, 4x4 patches -> a 16x16 grid (the paper's 256 patches at 224 px, so
+    # cos-80 keeps its windows [16, 4] and 80 tokens compress 256 patches).
+    "tiny": dict(vision_width=64, vision_layers=6, vision_heads=4, vision_mlp=256, patch_size=4,
                  vision_image_size=64, image_size=64, bridge_dim=64, bridge_heads=4,
                  llm_width=96, llm_layers=3, llm_heads=4, llm_kv_heads=4, llm_mlp=256,
                  vocab_size=320, max_positions=2048),
