@@ -4,12 +4,21 @@ cuda_extension() -> (ext_modules, cmdclass) for setuptools: one CUDAExtension bu
 csrc/bindings.cpp and csrc/kernels/*.cu, -O3 and line info, for sm_80 and sm_90 (plus compute_90
 PTX, so newer GPUs can JIT it) unless TORCH_CUDA_ARCH_LIST is set, in which case torch's own arch
 flags for that list are used.
+
+find_cuda_home() -> the CUDA toolkit's folder (the one holding include/cuda_runtime_api.h), found the
+same way by setup.py, .ci/compile_cuda.sh, the tests and scripts/gpu_check.py. torch guesses
+CUDA_HOME as the parent of the folder of the `nvcc` on the PATH, which is wrong where that nvcc is a
+wrapper script outside the toolkit (e.g. /usr/local/bin/nvcc running /usr/local/cuda-13.0/bin/nvcc);
+``nvcc --dryrun`` names the real toolkit (its TOP line). ``python cuda_build.py --cuda-home`` prints it.
 """
 
 from __future__ import annotations
 
 import glob
 import os
+import shutil
+import subprocess
+import sys
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCH_FLAGS = [
@@ -17,6 +26,38 @@ DEFAULT_ARCH_FLAGS = [
     "-gencode=arch=compute_90,code=sm_90",
     "-gencode=arch=compute_90,code=compute_90",
 ]
+
+
+def _is_toolkit(folder: str | None) -> bool:
+    return bool(folder) and os.path.isfile(os.path.join(folder, "include", "cuda_runtime_api.h"))
+
+
+def _nvcc_top(nvcc: str) -> str | None:
+    """The toolkit folder an nvcc (binary or wrapper script) really uses, from its --dryrun TOP line."""
+    try:
+        out = subprocess.run([nvcc, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+                             capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in (out.stdout + out.stderr).splitlines():
+        if line.startswith("#$ TOP="):
+            return os.path.normpath(line.split("=", 1)[1].strip())
+    return None
+
+
+def find_cuda_home() -> str | None:
+    """The CUDA toolkit folder: $CUDA_HOME or $CUDA_PATH where it holds the toolkit's headers, else the
+    toolkit of the nvcc on the PATH (asked with --dryrun, then its resolved location), else
+    /usr/local/cuda; None where none holds include/cuda_runtime_api.h."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates += [_nvcc_top(nvcc), os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))]
+    candidates.append("/usr/local/cuda")
+    for folder in candidates:
+        if _is_toolkit(folder):
+            return os.path.realpath(folder)
+    return None
 
 
 def sources() -> list[str]:
@@ -48,3 +89,12 @@ def cuda_extension():
         },
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--cuda-home"]:
+        sys.exit("usage: python cuda_build.py --cuda-home   (prints the CUDA toolkit folder)")
+    home = find_cuda_home()
+    if home is None:
+        sys.exit("no CUDA toolkit found (set CUDA_HOME to the folder holding include/cuda_runtime_api.h)")
+    print(home)

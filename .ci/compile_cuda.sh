@@ -6,7 +6,7 @@
 #      importable (a CPU-only torch lacks one generated CUDA header; a stand-in is supplied);
 #   3. the kernels' own code run on the CPU under csrc/tests/emulation.h against a float64 reference
 #      (forward and backward, fixed + random cases; the seed is printed).
-# Environment: CUDA_HOME (else nvcc on PATH, else /usr/local/cuda); COS_CI_EMULATION_CASES (random
+# Environment: CUDA_HOME (else the toolkit of the nvcc on PATH, else /usr/local/cuda: cuda_build.py); COS_CI_EMULATION_CASES (random
 # cases of step 3, default 12); COS_CI_SKIP_BINDINGS=1 / COS_CI_SKIP_EMULATION=1 skip steps 2 / 3.
 set -euo pipefail
 
@@ -14,32 +14,13 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 START=$SECONDS
 
-NVCC=""
-if [[ -n "${CUDA_HOME:-}" && -x "$CUDA_HOME/bin/nvcc" ]]; then
-  NVCC="$CUDA_HOME/bin/nvcc"
-elif command -v nvcc >/dev/null 2>&1; then
-  NVCC="$(command -v nvcc)"
-elif [[ -x /usr/local/cuda/bin/nvcc ]]; then
-  NVCC=/usr/local/cuda/bin/nvcc
-fi
-if [[ -z "$NVCC" ]]; then
-  echo "compile_cuda: nvcc not found (set CUDA_HOME or put nvcc on PATH)" >&2
+# The toolkit, found as setup.py finds it (cuda_build.find_cuda_home sees through an nvcc wrapper script).
+if ! CUDA_HOME="$(python3 cuda_build.py --cuda-home)"; then
+  echo "compile_cuda: no CUDA toolkit found (set CUDA_HOME or put nvcc on PATH)" >&2
   exit 1
 fi
-# The toolkit's headers, for the host-compiler steps (nvcc may be a wrapper script: ask it).
-CUDA_INC=""
-for cand in "${CUDA_HOME:-/nonexistent}/include" \
-    "$("$NVCC" --dryrun -c -x cu /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p' | head -1)/include" \
-    "$(dirname "$(readlink -f "$NVCC")")/../include" /usr/local/cuda/include; do
-  if [[ -f "$cand/cuda_fp16.h" ]]; then
-    CUDA_INC="$(cd "$cand" && pwd)"
-    break
-  fi
-done
-if [[ -z "$CUDA_INC" ]]; then
-  echo "compile_cuda: CUDA headers (cuda_fp16.h) not found next to $NVCC; set CUDA_HOME" >&2
-  exit 1
-fi
+NVCC="$CUDA_HOME/bin/nvcc"
+CUDA_INC="$CUDA_HOME/include"
 JOBS="$(nproc 2>/dev/null || echo 2)"
 TMP="$(mktemp -d)"
 trap 'rm -rf "$TMP"' EXIT

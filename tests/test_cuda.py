@@ -16,9 +16,9 @@ the kernels' own code under the CPU emulation of csrc/tests (compiled with g++ h
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -144,14 +144,14 @@ def test_unavailable_reason_names_the_problem():
 
 
 def _cuda_include_dir() -> Path | None:
-    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        homes.append(str(Path(nvcc).resolve().parents[1]))
-    for home in homes:
-        if home and (Path(home) / "include" / "cuda_fp16.h").is_file():
-            return Path(home) / "include"
-    return None
+    """The toolkit's include folder, found as setup.py finds it (cuda_build.find_cuda_home)."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        from cuda_build import find_cuda_home
+    finally:
+        sys.path.remove(str(ROOT))
+    home = find_cuda_home()
+    return None if home is None else Path(home) / "include"
 
 
 @pytest.mark.slow

@@ -24,8 +24,11 @@ from test_data import write_llava_folder
 
 
 def tiny_config(tmp_path, name="run", **overrides) -> TrainConfig:
+    """A 4-step tiny run on the CPU in fp32 (also on a GPU machine: the exact-equality tests below need
+    a deterministic device and dtype, and the device's defaults would be CUDA, bf16, 4 loader workers)."""
     return TrainConfig(**{**dict(out_dir=str(tmp_path / name), steps=4, global_batch=4, train_samples=64,
-                                 eval_samples=0, llm_warmup_steps=0, log_every=2, backend="torch"), **overrides})
+                                 eval_samples=0, llm_warmup_steps=0, log_every=2, backend="torch", device="cpu"),
+                          **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -61,13 +64,40 @@ def test_pretrain_step_trains_the_bridge_only(tmp_path):
     assert {id(p) for g in trainer.optimizer.param_groups for p in g["params"]} == {id(p) for p in model.bridge.parameters()}
 
 
+def _grads_at_step(trainer) -> list[torch.Tensor]:
+    """The gradients the optimizer's next step() sees (after clipping), captured by a step pre-hook."""
+    seen = []
+    trainer.optimizer.register_step_pre_hook(
+        lambda opt, args, kwargs: seen.extend(p.grad.detach().clone() for g in opt.param_groups for p in g["params"]))
+    return seen
+
+
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+    """4 micro-batches of 1 == one batch of 4, up to fp32 rounding, which alone sets the tolerances.
+
+    Gradients: the same per-sample terms summed in another order (and batch-1 vs batch-4 matmul
+    blocking), so each differs by a few fp32 roundings of the largest term: at most 256 eps32 of
+    the tensor's largest gradient (a wrong accumulation scale or a lost micro-batch is off by O(1)).
+    Weights: AdamW's first step moves w by lr * g / (|g| + eps), whose slope in g is
+    eps / (|g| + eps)^2, so a gradient difference dg moves w by at most lr * dg * eps / (lo + eps)^2
+    (lo: the smallest |g| between the two gradients, 0 where their signs differ), plus the fp32
+    rounding of the update."""
     big = Trainer(tiny_config(tmp_path, "big", steps=1))
     accumulated = Trainer(tiny_config(tmp_path, "acc", steps=1, micro_batch=1))
     assert accumulated.accum == 4
+    grads_big, grads_acc = _grads_at_step(big), _grads_at_step(accumulated)
     assert big.train_step()["loss"] == pytest.approx(accumulated.train_step()["loss"], rel=1e-6)
-    for a, b in zip(big.model.bridge.parameters(), accumulated.model.bridge.parameters()):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)  # AdamW moves each weight by ~lr = 1e-3
+    eps32 = torch.finfo(torch.float32).eps
+    params = [p for g in big.optimizer.param_groups for p in g["params"]]
+    assert len(grads_big) == len(grads_acc) == len(params) > 0
+    for gb, ga in zip(grads_big, grads_acc):
+        torch.testing.assert_close(ga, gb, rtol=0, atol=256 * eps32 * gb.abs().max().item())
+    (group,) = big.optimizer.param_groups
+    lr, eps = group["lr"], group["eps"]
+    for wb, wa, gb, ga in zip(params, accumulated.optimizer.param_groups[0]["params"], grads_big, grads_acc):
+        lo = torch.where(gb.sign() == ga.sign(), torch.minimum(gb.abs(), ga.abs()), torch.zeros_like(gb))
+        bound = lr * (gb - ga).abs() * eps / (lo + eps) ** 2 + 4 * eps32 * (wb.detach().abs() + lr)
+        assert ((wb - wa).abs() <= bound).all(), float(((wb - wa).abs() - bound).max())
 
 
 def test_resumed_run_continues_the_same_loss_curve(pretrain_run, tmp_path):
@@ -132,7 +162,7 @@ def test_cli_pretrain_on_llava_data_reports_throughput(tmp_path, capsys):
     out = tmp_path / "cli"
     code = main(["pretrain", "--data", str(json_path), "--image-folder", str(images), "--steps", "2",
                  "--global-batch", "5", "--eval-samples", "2", "--llm-warmup-steps", "2", "--out-dir", str(out),
-                 "--log-every", "1", "--bridge", "mlp2x_gelu", "--backend", "torch"])
+                 "--log-every", "1", "--bridge", "mlp2x_gelu", "--backend", "torch", "--device", "cpu"])
     assert code == 0
     printed = capsys.readouterr()
     assert "llm warm-up step 2/2" in printed.out + printed.err
@@ -172,13 +202,14 @@ def test_field_accuracy_counts_words_right_under_teacher_forcing():
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_process_gloo_run_matches_one_process(pretrain_run, tmp_path, mode):
-    """torchrun, two CPU processes on gloo, 2 x 2 samples per step == one process with 4."""
+    """torchrun, two CPU processes on gloo, 2 x 2 samples per step == one process with 4 (on the CPU also
+    on a GPU machine: one GPU cannot hold rank 1's cuda:1)."""
     single, losses = pretrain_run
     out = tmp_path / mode
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "cos_kernels.train",
            "pretrain", "--steps", "4", "--global-batch", "4", "--train-samples", "64", "--eval-samples", "2",
            "--llm-warmup-steps", "0", "--log-every", "1", "--distributed", mode, "--out-dir", str(out),
-           "--backend", "torch", "--save-every", "2"]
+           "--backend", "torch", "--save-every", "2", "--device", "cpu"]
     # conftest's TRITON_INTERPRET=1 is for in-process kernel tests; with it, these processes sometimes
     # abort at exit ("terminate called without an active exception") after finishing their work
     env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, "OMP_NUM_THREADS": "1"}
