@@ -46,7 +46,8 @@ STAGES = ("preflight", "kernel", "module", "e2e")
 PASSES = ("fwd", "bwd", "fwdbwd")
 KERNEL_IMPLS = ("triton", "cuda", "torch", "sdpa_mask", "flex", "flash_varlen")  # fused first: most wanted
 PACKAGES = ("torch", "triton", "numpy", "transformers", "safetensors", "einops", "tqdm", "PIL", "matplotlib",
-            "pytest", "pytest_benchmark", "pytest_timeout", "xdist", "ninja", "pybind11")
+            "pytest", "pytest_benchmark", "pytest_timeout", "xdist", "ninja", "pybind11", "cos_kernels",
+            "cos_kernels.ops.triton_backend", "cos_kernels.mllm", "torch.nn.attention.flex_attention")
 
 # The columns every row of a stage carries (None where not measured); check_results holds files to it.
 COLUMNS = {
@@ -172,10 +173,12 @@ def stage_preflight(results: Path, dry: bool) -> None:
     sys.path.insert(0, str(ROOT))
     from cuda_build import find_cuda_home
 
+    import importlib
+
     imports = {}
     for name in PACKAGES:
         try:
-            module = __import__(name)
+            module = importlib.import_module(name)
             imports[name] = str(getattr(module, "__version__", "ok"))
         except Exception as err:  # noqa: BLE001 - report every missing or broken package
             imports[name] = f"FAILED {_error(err)}"

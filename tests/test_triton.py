@@ -11,6 +11,7 @@ kernel_cases.poisoned_outputs), so an element no program writes fails the finite
 
 from __future__ import annotations
 
+import itertools
 import textwrap
 
 import pytest
@@ -64,18 +65,18 @@ def poison_outputs():
 
 
 # ---- helpers ------------------------------------------------------------------------------------
-def num_programs(layout: WindowLayout, B: int, H: int, D: int) -> int:
+def num_programs(layout: WindowLayout, B: int, H: int, D: int, dtype: torch.dtype) -> int:
     """Programs of one forward + backward (three launches)."""
-    cfg = tb.launch_config(layout, D)
+    cfg = tb.launch_config(layout, D, dtype)
     nq = len(tb.query_tiles(layout, cfg.block_m))
     nk = len(tb.key_tiles(layout, cfg.block_n))
     return (2 * nq + nk) * B * H
 
 
-def pick_batch_heads(rng, layout, D, budget=500):
+def pick_batch_heads(rng, layout, D, dtype, budget=500):
     """Random B in 1..3 and H in 1..4, shrunk while the interpreter would run over ``budget`` programs."""
     B, H = rng.randint(1, 3), rng.randint(1, 4)
-    while num_programs(layout, B, H, D) > budget and B * H > 1:
+    while num_programs(layout, B, H, D, dtype) > budget and B * H > 1:
         if H >= B:
             H -= 1
         else:
@@ -86,7 +87,7 @@ def pick_batch_heads(rng, layout, D, budget=500):
 def interpreted_case(rng, layout, dtype, D=None, budget=500):
     """random_case on CPU tensors, B and H shrunk while the interpreter would run over ``budget`` programs."""
     D = rng.choice(HEAD_DIMS) if D is None else D
-    B, H = pick_batch_heads(rng, layout, D, budget)
+    B, H = pick_batch_heads(rng, layout, D, dtype, budget)
     random_case(rng, layout, dtype, "cpu", backend="triton", D=D, B=B, H=H)
 
 
@@ -125,10 +126,10 @@ def test_head_dims(D, dtype):
 @interp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_windows_split_over_tiles(dtype):
-    """Windows with more queries than a tile has rows (BLOCK_M 64) next to 1-query windows."""
+    """Windows with more queries than a tile has rows (BLOCK_M 64; 32 in fp32) next to 1-query windows."""
     rng = seeded_rng()
     layout = WindowLayout((4, 4), [4, (1, 2)], [rng.randint(65, 150), 8])
-    assert tb.launch_config(layout, 16).block_m < max(layout.queries_per_window)
+    assert tb.launch_config(layout, 16, dtype).block_m < max(layout.queries_per_window)
     interpreted_case(rng, layout, dtype, budget=200)
 
 
@@ -162,7 +163,7 @@ def test_backward_is_deterministic():
     rng = seeded_rng()
     layout = random_layout(rng, max_scales=3, max_qpw=16, max_grid=6)
     D = rng.choice(HEAD_DIMS)
-    B, H = pick_batch_heads(rng, layout, D, budget=250)
+    B, H = pick_batch_heads(rng, layout, D, torch.float16, budget=250)
     q, k, v = random_qkv(layout, B, H, D, torch.float16, fused_kv=True)
     scale = D**-0.5
     out, lse = tb.TRITON_KERNEL.forward(q, k, v, layout, scale)
@@ -197,8 +198,8 @@ def test_tile_tables_cover_every_query_and_key_once():
     rng = seeded_rng()
     layouts = [shrunk_preset(p, 1) for p in PRESETS] + [random_layout(rng, max_grid=16) for _ in range(20)]
     for layout in layouts:
-        for D in (16, 128):
-            cfg = tb.launch_config(layout, D)
+        for D, dtype in itertools.product((16, 128), (torch.float16, torch.float32)):
+            cfg = tb.launch_config(layout, D, dtype)
             for block in (cfg.block_m, cfg.block_n, cfg.block_d, cfg.block_m_kv):
                 assert block >= 16 and block & (block - 1) == 0
             qt = tb.query_tiles(layout, cfg.block_m)

@@ -61,24 +61,48 @@ def _clamp_pow2(n: int, lo: int, hi: int) -> int:
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    """Block sizes of one call; every tl.dot dimension is a power of two >= 16."""
+    """Block sizes and launch options of one call; every tl.dot dimension is a power of two >= 16."""
 
     block_m: int  # query rows of a forward / dQ tile
     block_n: int  # key slots per step of a forward / dQ tile, and keys of a dK/dV tile
     block_d: int  # head dim padded to a power of two (masked)
     block_m_kv: int  # query rows per step of a dK/dV tile
-    num_warps: int
+    num_warps: int  # of all three launches
+    num_stages: int  # software-pipelining depth of the forward / dQ key loop
+    num_stages_kv: int  # ... and of the dK/dV query loop
 
 
-def launch_config(layout: WindowLayout, head_dim: int) -> LaunchConfig:
-    """Block sizes for ``layout`` and ``head_dim`` (a first heuristic; tuned on a GPU later).
+def launch_config(layout: WindowLayout, head_dim: int, dtype: torch.dtype) -> LaunchConfig:
+    """Block sizes and launch options for ``layout``, ``head_dim`` and ``dtype``: heuristics that keep
+    every kernel from spilling registers on sm_90 (tests/test_sm90_compile.py; registers, spills and
+    shared memory of each are in benchmarks/COMPILE_SM90.md), to be tuned against GPU timings.
 
-    BLOCK_M follows the largest window's query count (16..64) so 4-16-query windows share a 16-row
-    tile; BLOCK_N is 64 key slots (32 when the padded head dim exceeds 64, for registers)."""
+    fp16 / bf16 (tensor-core dots): BLOCK_M follows the largest window's query count (16..64), so
+    4-16-query windows share a 16-row tile; 64 key slots per step, 4 warps, 3 stages. Then, where
+    ptxas would otherwise run out of registers and spill (measured with ptxas 12.8 and 13.4):
+      - padded head dims above 64 (BLOCK_D 128): 32 key slots, and dK/dV steps of at most 32 queries
+        (64 x 128 spills in bwd_dkdv with ptxas 13.4);
+      - masked head dims up to 64 (e.g. 40, in BLOCK_D 64): 32 key slots, and 8 warps at BLOCK_M above
+        16 (at BLOCK_M 64 with 4 warps bwd_dq / bwd_dkdv spill 50-440 bytes per thread).
+
+    fp32 (exact products: FMA dots, their operands spread over a warp's registers) spilled heavily
+    with the fp16 configuration: at BLOCK_M 64 ptxas fell back to 32 registers and up to 31 KB of
+    spill stores per thread. fp32 uses BLOCK_M <= 32, 32 key slots (16 above head dim 64), 16-query
+    dK/dV steps, 8 warps, and does not pipeline the dK/dV query loop (a second stage alone costs it
+    110-180 registers, up to the 255 limit)."""
     block_d = _clamp_pow2(head_dim, 16, 1 << 30)
-    block_m = _clamp_pow2(max(layout.queries_per_window), 16, 64)
-    block_n = 64 if block_d <= 64 else 32
-    return LaunchConfig(block_m, block_n, block_d, block_m, 4)
+    widest = max(layout.queries_per_window)
+    if dtype == torch.float32:
+        block_m = _clamp_pow2(widest, 16, 32)
+        block_n = 32 if block_d <= 64 else 16
+        return LaunchConfig(block_m, block_n, block_d, 16, num_warps=8, num_stages=2, num_stages_kv=1)
+    block_m = _clamp_pow2(widest, 16, 64)
+    block_n, block_m_kv, num_warps = 64, block_m, 4
+    if block_d > 64:
+        block_n, block_m_kv = 32, min(block_m, 32)
+    elif head_dim < block_d:
+        block_n, num_warps = 32, 4 if block_m == 16 else 8
+    return LaunchConfig(block_m, block_n, block_d, block_m_kv, num_warps, num_stages=3, num_stages_kv=3)
 
 
 # ---- tile tables ----------------------------------------------------------------------------------
@@ -240,7 +264,7 @@ class TritonWindowAttention:
         lse = _new((B, H, Q), torch.float32, q.device)
         if B * H == 0:
             return out, lse
-        cfg = launch_config(layout, D)
+        cfg = launch_config(layout, D, q.dtype)
         tiles = _table("q", layout, cfg.block_m, q.device)
         num_bh = B * H
         with _DeviceGuard(q.device):
@@ -252,7 +276,7 @@ class TritonWindowAttention:
                 float(softmax_scale) * _LOG2E,
                 HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
                 DOT_PRECISION=_dot_precision(q.dtype),
-                num_warps=cfg.num_warps,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )
         return out, lse
 
@@ -283,7 +307,7 @@ class TritonWindowAttention:
         if B * H == 0:
             return dq, dk, dv
         delta = _new((B, H, Q), torch.float32, q.device)
-        cfg = launch_config(layout, D)
+        cfg = launch_config(layout, D, q.dtype)
         qtiles = _table("q", layout, cfg.block_m, q.device)
         ktiles = _table("k", layout, cfg.block_n, q.device)
         num_bh = B * H
@@ -299,7 +323,7 @@ class TritonWindowAttention:
                 dq.stride(0), dq.stride(1), dq.stride(2),
                 H, num_bh, Q, layout.grid[1],
                 scale, scale * _LOG2E,
-                BLOCK_M=cfg.block_m, **common,
+                BLOCK_M=cfg.block_m, num_stages=cfg.num_stages, **common,
             )
             _tk.window_attention_bwd_dkdv_kernel[_grid(ktiles.shape[0], num_bh)](
                 q, k, v, grad_out, lse, delta, dk, dv, ktiles,
@@ -307,7 +331,7 @@ class TritonWindowAttention:
                 dk.stride(0), dk.stride(1), dk.stride(2), dk.stride(3),
                 H, num_bh, Q, layout.grid[1],
                 scale, scale * _LOG2E,
-                BLOCK_M=cfg.block_m_kv, **common,
+                BLOCK_M=cfg.block_m_kv, num_stages=cfg.num_stages_kv, **common,
             )
         return dq, dk, dv
 
