@@ -121,12 +121,13 @@ def make_env(dry: bool, entries: list[dict]):
     return env
 
 
-def median_ms(env, fn, grads=()) -> float:
-    """Median milliseconds of fn(); the tensors in ``grads`` get .grad = None before each call, untimed."""
+def median_ms(env, fn, grads=(), rep_ms: float = 60) -> float:
+    """Median milliseconds of fn(); the tensors in ``grads`` get .grad = None before each call, untimed.
+    GPU: do_bench with a 10 ms warm-up and ``rep_ms`` of repeats (after its own 5-call estimate)."""
     if env.is_cuda:
         import triton.testing
 
-        return float(triton.testing.do_bench(fn, warmup=10, rep=60, grad_to_none=list(grads) or None,
+        return float(triton.testing.do_bench(fn, warmup=10, rep=rep_ms, grad_to_none=list(grads) or None,
                                              return_mode="median"))
     times = []
     for i in range(3):  # the first call warms up
@@ -339,7 +340,7 @@ def stage_module(results: Path, dry: bool) -> None:
                 def step():
                     model(feats).backward(dout)
 
-                ms = median_ms(env, step, grads=params)
+                ms = median_ms(env, step, grads=params, rep_ms=300)  # 10-50 ms per step at these sizes
                 model.zero_grad(set_to_none=True)
                 mem = peak_mib(env, step)
             except Exception as err:  # noqa: BLE001
@@ -368,8 +369,9 @@ E2E_BRIDGES = (("resampler-336", "resampler-336"), ("cos-80", "cos-80"), ("linea
 
 
 def build_mllm(model: str, bridge: str, env):
-    """CoSMLLM initialised on the device (never a full-precision copy on the host); frozen ViT and LLM
-    cast to the session dtype, the bridge kept fp32 (the trainer's bf16 precision)."""
+    """CoSMLLM initialised on the device (nothing of it on the host: a random 7B would need 27 GB there),
+    then the frozen ViT and LLM cast to the session dtype, the bridge kept fp32 (the trainer's bf16
+    precision)."""
     from cos_kernels.mllm import CoSMLLM, MLLMConfig
 
     cfg = MLLMConfig.from_preset("tiny" if model == "tiny" else f"vitl14-224-{model}", bridge=bridge)
@@ -414,7 +416,7 @@ def stage_e2e(results: Path, dry: bool) -> None:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
 
-            ms = median_ms(env, step)
+            ms = median_ms(env, step, rep_ms=1500)  # ~10 steps of 100-200 ms
             matmul = count_matmul_flops(step)
             flops = None if matmul is None else matmul + attention_flops(net, case)
             _, bridge_s = _bridge_time(net, data, env, reps=5 if env.is_cuda else 2)

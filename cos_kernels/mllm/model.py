@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import replace
 
 import torch
@@ -23,6 +24,13 @@ from .vision import VisionTower
 __all__ = ["CoSMLLM", "IGNORE_INDEX", "build_llm"]
 
 IGNORE_INDEX = -100  # label of positions without loss (BOS, padding)
+
+
+def _cache_name(llm: nn.Module) -> str:
+    """The name of the KV cache in ``llm``'s forward arguments and outputs: ``cache`` where transformers
+    has renamed it (5.24 has; ``past_key_values`` warns there and goes in 5.40), else ``past_key_values``
+    (5.17 and older)."""
+    return "cache" if "cache" in inspect.signature(llm.forward).parameters else "past_key_values"
 
 
 def build_llm(config: MLLMConfig, tokenizer) -> nn.Module:
@@ -151,6 +159,7 @@ class CoSMLLM(nn.Module):
         out = self.llm(inputs_embeds=self.embed(self.encode_images(pixel_values), bos), use_cache=True,
                        logits_to_keep=1)
         done = torch.zeros(B, dtype=torch.bool, device=bos.device)
+        cache = _cache_name(self.llm)
         generated = []
         for _ in range(max_new_tokens):
             next_id = out.logits[:, -1].argmax(-1).masked_fill(done, tok.pad_id)
@@ -158,8 +167,7 @@ class CoSMLLM(nn.Module):
             done |= next_id == tok.eos_id
             if stop_at_eos and bool(done.all()):
                 break
-            out = self.llm(input_ids=next_id[:, None], past_key_values=out.past_key_values, use_cache=True,
-                           logits_to_keep=1)
+            out = self.llm(input_ids=next_id[:, None], **{cache: out[cache]}, use_cache=True, logits_to_keep=1)
         return torch.stack(generated, dim=1)
 
     # ---- compound token scaling -------------------------------------------------------------

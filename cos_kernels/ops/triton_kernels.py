@@ -41,6 +41,24 @@ TILE_FIELDS = 10  # int32 columns of both tile tables (the kernels index rows wi
 
 
 @triton.jit
+def _loop_end(n):
+    """The end of a ``range`` over a runtime scalar ``n``: ``n`` itself (inlined: compiled kernels
+    are unchanged). Under the interpreter it is replaced by the plain function below."""
+    return n
+
+
+if type(_loop_end).__name__ == "InterpretedFunction":  # TRITON_INTERPRET=1 when triton.jit ran
+
+    def _loop_end(n):  # noqa: F811
+        """Interpreter: ``n`` as a Python int. Triton 3.6's interpreter holds every scalar (arguments,
+        program ids, loaded values) as a 1-element 1-d numpy array and turns a ``range`` bound into an
+        int with ``int(array)``, which NumPy >= 2.4 refuses ("only 0-dimensional arrays can be
+        converted to Python scalars"; fixed upstream in triton-lang/triton#9172). Call it inside the
+        ``range(...)``: the interpreter turns an assigned value back into a tensor."""
+        return n.handle.data.item()
+
+
+@triton.jit
 def _key_slots(j, nkeys, P, wh, ww, win0, win_cols, grid_w):
     """Key slots j (int32 vector) of a window group -> (local window, patch index, valid)."""
     valid = j < nkeys
@@ -140,7 +158,7 @@ def window_attention_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start in range(0, nkeys, BLOCK_N):
+    for start in range(0, _loop_end(nkeys), BLOCK_N):
         lw, k_ok, kk, vv = _load_key_block(k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                                            start + tl.arange(0, BLOCK_N), nkeys, P, wh, ww, win0, win_cols,
                                            grid_w, offs_d, d_ok)
@@ -214,7 +232,7 @@ def window_attention_bwd_dq_kernel(
     k_base = K + b64 * stride_kb + s64 * stride_ks + h64 * stride_kh
     v_base = V + b64 * stride_vb + s64 * stride_vs + h64 * stride_vh
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start in range(0, nkeys, BLOCK_N):
+    for start in range(0, _loop_end(nkeys), BLOCK_N):
         lw, k_ok, kk, vv = _load_key_block(k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                                            start + tl.arange(0, BLOCK_N), nkeys, P, wh, ww, win0, win_cols,
                                            grid_w, offs_d, d_ok)
@@ -290,7 +308,7 @@ def window_attention_bwd_dkdv_kernel(
     q_base = Q + b64 * stride_qb + h64 * stride_qh
     do_base = DO + b64 * stride_dob + h64 * stride_doh
     stat_base = bh.to(tl.int64) * total_q
-    for m0 in range(0, q_total, BLOCK_M):
+    for m0 in range(0, _loop_end(q_total), BLOCK_M):
         mi = m0 + tl.arange(0, BLOCK_M)
         row_ok = mi < q_total
         q_win = mi // qpw
