@@ -349,12 +349,12 @@ def stage_module(results: Path, dry: bool) -> None:
                 continue
             finally:
                 model = feats = None
-            if not eager:
+            if (backend, fused) == ("torch", False):
                 eager = {"ms": ms, "mem": mem}
             worst = max(errors["out"]["error"], errors["worst_param_grad"]["error"])
             append(results, "module", row=row(
                 "module", **base, status="ok", median_ms=ms, peak_mem_MiB=mem,
-                speedup_vs_eager_unfused=eager["ms"] / ms,
+                speedup_vs_eager_unfused=eager["ms"] / ms if eager else None,
                 mem_vs_eager_unfused=mem / eager["mem"] if mem and eager.get("mem") else None, max_rel_error=worst,
                 detail=f"worst parameter grad: {errors['worst_param_grad']['name']}"))
             print(f"  {case.label} {base['impl']:16s} fwd+bwd {ms:9.3f} ms  peak {mem or 0:9.1f} MiB  "
