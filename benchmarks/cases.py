@@ -168,6 +168,9 @@ class Store:
         """The float64 reference of ``key``, made on first use. Only the latest one is kept (at GPU
         sizes a reference holds gigabytes)."""
         if self._reference[0] != key:
-            self._reference = (None, None)
+            self.drop_reference()  # before make(): the old and the new never coexist
             self._reference = (key, make())
         return self._reference[1]
+
+    def drop_reference(self) -> None:
+        self._reference = (None, None)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 __all__ = [
-    "BACKEND_NAMES", "backend_skip_reason", "BenchEnv", "make_env", "time_call", "peak_memory", "record",
+    "BACKEND_NAMES", "backend_skip_reason", "BenchEnv", "make_env", "time_call", "peak_bytes", "peak_memory", "record",
     "check_close", "DTYPES", "param_bytes", "count_matmul_flops", "rel_error", "set_group",
 ]
 
@@ -324,28 +324,35 @@ def _cpu_peak(fn) -> int | None:
         return None
 
 
-def peak_memory(benchmark, env: BenchEnv, fn, setup=None) -> dict:
-    """Peak memory of one call of fn(setup()) above what was allocated before it (setup excluded).
-
-    GPU: torch.cuda.max_memory_allocated after reset_peak_memory_stats. CPU: the profiler estimate
-    of _cpu_peak. Skipped (None) under --benchmark-disable."""
-    if benchmark.disabled:
-        return {"peak_mem_bytes": None, "peak_mem_method": "not measured (--benchmark-disable)"}
-    state = setup() if setup is not None else None
+def peak_bytes(env: BenchEnv, fn) -> tuple[int | None, int | None]:
+    """(peak bytes of one fn() above what was allocated before it, peak bytes in all) -- GPU:
+    torch.cuda.max_memory_allocated after reset_peak_memory_stats; CPU: _cpu_peak's profiler estimate
+    (None where the profiler fails) and no total."""
     if env.is_cuda:
         env.synchronize()
         base = torch.cuda.memory_allocated(env.device)
         torch.cuda.reset_peak_memory_stats(env.device)
-        fn(state)
+        fn()
         env.synchronize()
         peak = torch.cuda.max_memory_allocated(env.device)
-        return {"peak_mem_bytes": int(peak - base), "peak_mem_total_bytes": int(peak),
-                "peak_mem_method": "torch.cuda.max_memory_allocated minus memory_allocated before the call"}
-    peak = _cpu_peak(lambda: fn(state))
-    return {"peak_mem_bytes": peak, "peak_mem_total_bytes": None,
-            "peak_mem_method": "torch.profiler(profile_memory=True) allocation records, high-water mark "
-                               "above the allocations before the call" if peak is not None else
-                               "unavailable (the profiler failed)"}
+        return int(peak - base), int(peak)
+    return _cpu_peak(fn), None
+
+
+def peak_memory(benchmark, env: BenchEnv, fn, setup=None) -> dict:
+    """Peak memory of one call of fn(setup()) above what was allocated before it (setup excluded), by
+    peak_bytes. Skipped (None) under --benchmark-disable."""
+    if benchmark.disabled:
+        return {"peak_mem_bytes": None, "peak_mem_method": "not measured (--benchmark-disable)"}
+    state = setup() if setup is not None else None
+    peak, total = peak_bytes(env, lambda: fn(state))
+    if env.is_cuda:
+        method = "torch.cuda.max_memory_allocated minus memory_allocated before the call"
+    elif peak is not None:
+        method = "torch.profiler(profile_memory=True) allocation records, high-water mark above the allocations before the call"
+    else:
+        method = "unavailable (the profiler failed)"
+    return {"peak_mem_bytes": peak, "peak_mem_total_bytes": total, "peak_mem_method": method}
 
 
 # ---- results --------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ allowance); one that fails is recorded as failed, with its error, and not timed.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -84,6 +85,11 @@ def read(path: Path) -> list[dict]:
     return out
 
 
+def stage_statuses(entries: list[dict]) -> list[dict]:
+    """The driver's status lines ({"stage", "status", "wall_s", "log"}), in the order written."""
+    return [e for e in entries if "status" in e and "row" not in e]
+
+
 def rows(entries: list[dict], stage: str) -> list[dict]:
     return [e["row"] for e in entries if e.get("stage") == stage and "row" in e]
 
@@ -122,41 +128,37 @@ def make_env(dry: bool, entries: list[dict]):
 
 
 def median_ms(env, fn, grads=(), rep_ms: float = 60) -> float:
-    """Median milliseconds of fn(); the tensors in ``grads`` get .grad = None before each call, untimed.
-    GPU: do_bench with a 10 ms warm-up and ``rep_ms`` of repeats (after its own 5-call estimate)."""
+    """Median milliseconds of fn(); the tensors in ``grads`` get .grad = None before each call.
+    GPU: do_bench with a 10 ms warm-up and ``rep_ms`` of repeats (after its own 5-call estimate), the
+    grads reset untimed; CPU: one warm-up call, then the median of two."""
     if env.is_cuda:
         import triton.testing
 
         return float(triton.testing.do_bench(fn, warmup=10, rep=rep_ms, grad_to_none=list(grads) or None,
                                              return_mode="median"))
-    times = []
-    for i in range(3):  # the first call warms up
+    from .common import _median_time
+
+    def call():
         for t in grads:
             t.grad = None
-        t0 = time.perf_counter()
         fn()
-        if i:
-            times.append((time.perf_counter() - t0) * 1e3)
-    return sorted(times)[len(times) // 2]
+
+    call()
+    return _median_time(env, call, 2) * 1e3
 
 
 def peak_mib(env, fn) -> float | None:
-    """Peak memory of one fn() above what was allocated before it (CUDA allocator; CPU: profiler)."""
-    if env.is_cuda:
-        env.synchronize()
-        base = torch.cuda.memory_allocated(env.device)
-        torch.cuda.reset_peak_memory_stats(env.device)
-        fn()
-        env.synchronize()
-        return (torch.cuda.max_memory_allocated(env.device) - base) / 2**20
-    from .common import _cpu_peak
+    """Peak memory of one fn() above what was allocated before it (benchmarks.common.peak_bytes)."""
+    from .common import peak_bytes
 
-    peak = _cpu_peak(fn)
+    peak, _ = peak_bytes(env, fn)
     return None if peak is None else peak / 2**20
 
 
 def _error(err: BaseException) -> str:
-    return f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300] if str(err).strip() else ''}"
+    """The exception's type and the first line of its message (at most 300 characters)."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0][:300] if lines else ''}"
 
 
 # ---- stage 1: preflight ---------------------------------------------------------------------------
@@ -169,12 +171,10 @@ def _run(cmd: list[str]) -> str:
 
 
 def stage_preflight(results: Path, dry: bool) -> None:
-    from .common import library_versions, make_env as _make_env, measure_matmul
+    from .common import library_versions, make_env as _make_env
 
     sys.path.insert(0, str(ROOT))
     from cuda_build import find_cuda_home
-
-    import importlib
 
     imports = {}
     for name in PACKAGES:
@@ -190,7 +190,7 @@ def stage_preflight(results: Path, dry: bool) -> None:
                 "clocks.max.mem,power.draw,temperature.gpu", "--format=csv"])
     device, dtype = session(dry)
     env = _make_env(str(device), dtype)
-    matmul = measure_matmul(env)
+    matmul = env.matmul_peak()
     driver = smi.splitlines()[-1].split(",")[1].strip() if "," in smi else None
     entry = row("preflight", device=str(device), device_name=env.device_name, driver=driver, clocks=smi,
                 python=platform.python_version(), versions=library_versions(), imports=imports, nvcc=nvcc,
@@ -279,7 +279,7 @@ def stage_kernel(results: Path, dry: bool, impls=KERNEL_IMPLS) -> None:
                 print(f"  {case.label} {name:12s} {pass_:6s} {ms:9.4f} ms  {gbps:8.1f} GB/s", flush=True)
             print(f"  {case.label} {name}: {time.perf_counter() - t0:.1f} s with compile and validation", flush=True)
         del q, k, v, leaves, dout
-        store.reference(None, lambda: None)  # free the float64 reference before the next case
+        store.drop_reference()  # free the float64 reference before the next case
         if env.is_cuda:
             torch.cuda.empty_cache()
 
@@ -359,7 +359,7 @@ def stage_module(results: Path, dry: bool) -> None:
                 detail=f"worst parameter grad: {errors['worst_param_grad']['name']}"))
             print(f"  {case.label} {base['impl']:16s} fwd+bwd {ms:9.3f} ms  peak {mem or 0:9.1f} MiB  "
                   f"({time.perf_counter() - t0:.1f} s)", flush=True)
-        store.reference(None, lambda: None)
+        store.drop_reference()
         if env.is_cuda:
             torch.cuda.empty_cache()
 
@@ -469,7 +469,7 @@ def kernel_speedups(kernel_rows: list[dict]) -> dict:
 def render(entries: list[dict]) -> str:
     """SUMMARY.md from the results lines: stage statuses and times, then each table."""
     out = ["# GPU check", ""]
-    status = [e for e in entries if "status" in e and "row" not in e]
+    status = stage_statuses(entries)
     out += _table(["stage", "status", "wall s", "log"],
                   [[e["stage"], e["status"], _f(e.get("wall_s"), ".1f"), e.get("log", "")] for e in status])
     pre = rows(entries, "preflight")
@@ -558,7 +558,7 @@ def check_results(entries: list[dict], want_stages=CHECK_STAGES) -> list[str]:
     """Problems with a results file: a stage without a status line, a table stage that ended ok
     without rows, a row missing a column, an ok row without its numbers. Empty where it is sound."""
     problems = []
-    ended = {e["stage"]: e for e in entries if "status" in e and "row" not in e}
+    ended = {e["stage"]: e for e in stage_statuses(entries)}
     for stage in want_stages:
         if stage not in ended:
             problems.append(f"stage {stage}: no status line")

@@ -148,19 +148,14 @@ def start_build(check: Check) -> tuple[subprocess.Popen | None, float]:
     if check.dry:
         check.record("build", "skipped: dry run (no extension build)", 0.0, "build.log")
         return None, 0.0
+    # setup.py finds CUDA_HOME itself (cuda_build.find_cuda_home) and logs it
     env = {**check.env, "COS_KERNELS_BUILD_CUDA": "1", "TORCH_CUDA_ARCH_LIST": "9.0",
            "MAX_JOBS": str(max(2, (os.cpu_count() or 4) // 2))}
-    sys.path.insert(0, str(ROOT))
-    from cuda_build import find_cuda_home
-
-    home = find_cuda_home()
-    if home:
-        env["CUDA_HOME"] = home
-    f = open(check.out / "build.log", "a")
-    f.write(f"==== build: CUDA_HOME={home}, TORCH_CUDA_ARCH_LIST=9.0, MAX_JOBS={env['MAX_JOBS']}\n")
-    f.flush()
     cmd = [check.python, "-m", "pip", "install", "-v", "--no-build-isolation", "--no-deps", "-e", "."]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    with open(check.out / "build.log", "a") as f:  # the child keeps its own copy of the file
+        f.write(f"==== build: {' '.join(cmd)} (TORCH_CUDA_ARCH_LIST=9.0, MAX_JOBS={env['MAX_JOBS']})\n")
+        f.flush()
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
     print(f"== build: started in the background (pid {proc.pid}, {' '.join(cmd)})", flush=True)
     return proc, time.monotonic()
 
@@ -183,12 +178,14 @@ def finish_build(check: Check, proc: subprocess.Popen | None, started: float) ->
     return status == "ok"
 
 
-def bench(check: Check, stage: str) -> str:
+def measure(check: Check, stage: str, log: str = "bench.log") -> str:
+    """A benchmarks/headline.py stage; "flex" is the kernel stage's FlexAttention rows alone, "kernel"
+    the rest of them."""
     name = "kernel" if stage == "flex" else stage
     cmd = [check.python, "-m", "benchmarks.headline", name, "--results", str(check.results)]
     if stage in ("kernel", "flex"):
         cmd += ["--impls", "flex" if stage == "flex" else ",".join(i for i in headline.KERNEL_IMPLS if i != "flex")]
-    return check.run(stage, cmd + (["--dry"] if check.dry else []), "bench.log")
+    return check.run(stage, cmd + (["--dry"] if check.dry else []), log)
 
 
 def main(argv=None) -> int:
@@ -211,25 +208,21 @@ def main(argv=None) -> int:
     print(f"gpu_check: {'DRY (CPU) ' if args.dry else ''}run, budget {check.left():.0f} s, results in {out}",
           flush=True)
 
-    pre = [check.python, "-m", "benchmarks.headline", "preflight", "--results", str(check.results)]
-    check.run("preflight", pre + (["--dry"] if args.dry else []), "preflight.log")
+    measure(check, "preflight", "preflight.log")
     build, build_started = start_build(check)
     check.run("tests_triton", pytest_cmd(check, "not cuda", workers), "tests_triton.log")
-    if args.dry:
-        check.run("tests_cuda", pytest_cmd(check, "cuda", 1), "tests_cuda.log")
-    elif finish_build(check, build, build_started):
+    if args.dry or finish_build(check, build, build_started):  # dry: the CUDA tests skip, as on any CPU
         check.run("tests_cuda", pytest_cmd(check, "cuda", 1), "tests_cuda.log")
     else:
         check.record("tests_cuda", "not run: the extension did not build (build.log)", 0.0, "tests_cuda.log")
     for stage in ("kernel", "module", "e2e", "flex"):
-        bench(check, stage)
+        measure(check, stage)
 
-    entries = headline.read(check.results)
-    statuses = [e["status"] for e in entries if "status" in e and "row" not in e]
+    statuses = headline.stage_statuses(headline.read(check.results))
     print(f"gpu_check: done in {time.monotonic() - t0:.0f} s; stages: "
-          + ", ".join(f"{e['stage']}={e['status']}" for e in entries if "status" in e and "row" not in e), flush=True)
+          + ", ".join(f"{e['stage']}={e['status']}" for e in statuses), flush=True)
     print((out / "SUMMARY.md").read_text(), flush=True)
-    bad = [s for s in statuses if s != "ok" and not s.startswith("skipped")]
+    bad = [e for e in statuses if e["status"] != "ok" and not e["status"].startswith("skipped")]
     return 1 if bad else 0
 
 
