@@ -26,9 +26,11 @@ from test_data import write_llava_folder
 def tiny_config(tmp_path, name="run", **overrides) -> TrainConfig:
     """A 4-step tiny run on the CPU in fp32 (also on a GPU machine: the exact-equality tests below need
     a deterministic device and dtype, and the device's defaults would be CUDA, bf16, 4 loader workers)."""
-    return TrainConfig(**{**dict(out_dir=str(tmp_path / name), steps=4, global_batch=4, train_samples=64,
-                                 eval_samples=0, llm_warmup_steps=0, log_every=2, backend="torch", device="cpu"),
-                          **overrides})
+    base = dict(out_dir=str(tmp_path / name), steps=4, global_batch=4, train_samples=64, eval_samples=0,
+                log_every=2, backend="torch", device="cpu")
+    if overrides.get("stage", "pretrain") == "pretrain":
+        base["llm_warmup_steps"] = 0  # finetune takes its LLM from the pretrain checkpoint
+    return TrainConfig(**{**base, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -146,11 +148,11 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(pretrain_run, tmp_pat
     config, _ = pretrain_run
     checkpoint = f"{config.out_dir}/checkpoints/step-0000004"
     saved = open(f"{checkpoint}/model.safetensors", "rb").read()
-    trainer = Trainer(tiny_config(tmp_path, steps=6, resume=checkpoint, out_dir=config.out_dir))
+    trainer = Trainer(tiny_config(tmp_path, steps=6, resume=checkpoint, out_dir=config.out_dir, allow_config_change=True))
     before = state(trainer.model.bridge)
     with torch.no_grad():
         trainer.model.bridge.proj_out.bias[0] = float("nan")
-    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 5 .*last good checkpoint: .*step-0000004"):
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 5 .*the last good state: .*step-0000004 \(step 4\)"):
         trainer.fit()
     assert open(f"{checkpoint}/model.safetensors", "rb").read() == saved
     unchanged = [k for k, v in trainer.model.bridge.state_dict().items() if k != "proj_out.bias"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..config import PRESETS as RESAMPLER_PRESETS
 from ..config import CoSConfig
@@ -85,6 +86,15 @@ class MLLMConfig(DictConfig):
             raise ValueError(
                 f"bridge {self.bridge!r} takes one feature layer, got feature_layers={self.feature_layers}"
             )
+
+    def check_paths(self) -> None:
+        """FileNotFoundError naming the field unless each local path given exists (nothing is
+        downloaded: a missing path would otherwise surface as a hub "repo id" error)."""
+        for name in ("vision_path", "llm_path", "tokenizer_path"):
+            value = getattr(self, name)
+            if value is not None and not Path(value).exists():
+                raise FileNotFoundError(f"MLLMConfig.{name} {value!r} does not exist (models and tokenizers are "
+                                        f"loaded from local paths only)")
 
     # ---- derived ----------------------------------------------------------------------------
     @property

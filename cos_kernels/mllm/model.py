@@ -68,6 +68,7 @@ class CoSMLLM(nn.Module):
         super().__init__()
         if not isinstance(config, MLLMConfig):
             raise TypeError(f"config must be an MLLMConfig, got {type(config).__name__}")
+        config.check_paths()
         self.config = config
         self.tokenizer = load_tokenizer(config.tokenizer_path)
         with torch.random.fork_rng(devices=[]):

@@ -1,43 +1,57 @@
 """Checkpoints: trained weights, optimizer, scheduler, data position and RNG, written atomically.
 
 A checkpoint is a directory ``<run>/checkpoints/step-NNNNNNN`` holding
-    config.json        {"model": MLLMConfig, "train": TrainConfig, "frozen_checksums": {part: sum}}
+    config.json        {"model": MLLMConfig, "train": TrainConfig, "frozen_checksums": {part: sum},
+                        "relative_paths": {MLLMConfig path field: its path relative to the run directory}}
     model.safetensors  the trainable parameters (full tensors, whatever the sharding)
     trainer.pt         optimizer and scheduler states, step, data position, every rank's RNG states,
-                       the loss history and the meter's running totals
+                       the loss history and the meter's running totals: tensors and plain Python
+                       values only, read back with torch.load(weights_only=True)
+    manifest.json      the byte sizes of model.safetensors and trainer.pt, written last
 It is written under a temporary name and renamed into place, then ``<run>/checkpoints/latest`` is
 rewritten (also by rename), so a crash never leaves a half-written checkpoint behind "latest".
 Frozen parts are not saved: they are rebuilt from the config (seeded random init or a local path),
-and their checksums are compared on load.
+and their checksums are compared on load. Paths inside the config are kept both as given and
+relative to the run directory, so a run directory can be moved or copied.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import pickle
 import random
+import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 
+from ..atomic_io import atomic_dir, atomic_text
 from .distributed import DistEnv
 
 __all__ = ["save_checkpoint", "load_trainer_state", "load_weights", "resolve_checkpoint", "read_configs",
+           "list_checkpoints", "prune_checkpoints", "verify_checkpoint", "relative_paths",
            "frozen_checksums", "check_frozen_checksums", "rng_state", "set_rng_state"]
 
-CONFIG, WEIGHTS, TRAINER = "config.json", "model.safetensors", "trainer.pt"
+CONFIG, WEIGHTS, TRAINER, MANIFEST = "config.json", "model.safetensors", "trainer.pt", "manifest.json"
+PATH_FIELDS = ("vision_path", "llm_path", "tokenizer_path")  # MLLMConfig fields naming local files
+_STEP = re.compile(r"step-(\d+)$")
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator's state as tensors and plain Python values (loadable with weights_only=True)."""
+    np_state = np.random.get_state(legacy=False)
+    np_state["state"]["key"] = torch.from_numpy(np_state["state"]["key"].astype(np.int64))
+    state = {"python": random.getstate(), "numpy": np_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -45,7 +59,9 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    np_state = {**state["numpy"], "state": dict(state["numpy"]["state"])}
+    np_state["state"]["key"] = np_state["state"]["key"].numpy().astype(np.uint32)
+    np.random.set_state(np_state)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -74,33 +90,48 @@ def check_frozen_checksums(saved: dict[str, float], model: nn.Module, where: Pat
             )
 
 
-def _atomic_dir(final: Path, write) -> None:
-    """Call write(tmp_dir), then rename tmp_dir to ``final`` (replacing an older one)."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
-        write(tmp)
-        if final.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", dir=final.parent))
-            os.replace(final, trash / final.name)
-            os.replace(tmp, final)
-            shutil.rmtree(trash)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+def step_of(path: Path) -> int:
+    """The step of a checkpoint directory named step-NNNNNNN."""
+    return int(_STEP.match(path.name).group(1))
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+def list_checkpoints(root: Path) -> list[Path]:
+    """The step-NNNNNNN directories under ``root`` (a checkpoints/ directory), in step order."""
+    found = [p for p in root.glob("step-*") if p.is_dir() and _STEP.match(p.name)] if root.is_dir() else []
+    return sorted(found, key=step_of)
+
+
+def relative_paths(model_config: dict, run_dir: Path) -> dict[str, str]:
+    """{field: path relative to run_dir} for the model config's local paths."""
+    return {name: os.path.relpath(Path(model_config[name]).resolve(), run_dir.resolve())
+            for name in PATH_FIELDS if model_config.get(name) is not None}
+
+
+def _file_sizes(directory: Path) -> dict[str, int]:
+    """The binary files' sizes (config.json is checked by parsing it: it may be edited by hand)."""
+    return {name: (directory / name).stat().st_size for name in (WEIGHTS, TRAINER)}
+
+
+def _check_space(root: Path, tensors: list[dict]) -> None:
+    """Refuse up front (nothing written) when the checkpoint cannot fit on root's filesystem."""
+    def nbytes(obj) -> int:
+        if isinstance(obj, torch.Tensor):
+            return obj.numel() * obj.element_size()
+        if isinstance(obj, dict):
+            return sum(nbytes(v) for v in obj.values())
+        if isinstance(obj, (list, tuple)):
+            return sum(nbytes(v) for v in obj)
+        return 0
+
+    root.mkdir(parents=True, exist_ok=True)
+    need, free = nbytes(tensors), shutil.disk_usage(root).free
+    if need > free:
+        raise OSError(errno.ENOSPC, f"no space left on the device for a checkpoint in {root}: it needs about "
+                                    f"{need / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free")
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer, scheduler, env: DistEnv,
-                    configs: dict, trainer_state: dict, keep: int) -> Path:
+                    configs: dict, trainer_state: dict) -> Path:
     """Collective (every rank calls it); rank 0 writes. Returns the checkpoint directory."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
     weights = get_model_state_dict(model, options=options)
@@ -114,40 +145,101 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer,
     final = root / f"step-{step:07d}"
     if env.is_main:
         state = {**trainer_state, "step": step, "optimizer": optim, "scheduler": scheduler.state_dict(), "rng": rngs}
+        _check_space(root, [weights, state])
 
         def write(tmp: Path) -> None:
             save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / WEIGHTS))
             torch.save(state, tmp / TRAINER)
             (tmp / CONFIG).write_text(json.dumps(configs, indent=2))
+            (tmp / MANIFEST).write_text(json.dumps(_file_sizes(tmp)))
 
-        _atomic_dir(final, write)
-        _atomic_text(root / "latest", final.name)
-        for old in sorted(root.glob("step-*"))[:-keep]:
-            shutil.rmtree(old)
+        atomic_dir(final, write)
+        atomic_text(root / "latest", final.name)
     env.barrier()
     return final
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory, given it, a run directory or a checkpoints/ directory (-> its latest)."""
-    path = Path(path)
-    for root in (path / "checkpoints", path):
-        if (root / "latest").is_file():
-            path = root / (root / "latest").read_text().strip()
-            break
+def prune_checkpoints(checkpoints: list[Path], keep: int) -> list[Path]:
+    """Delete all but the ``keep`` latest (by step) of ``checkpoints``; returns the kept ones."""
+    ordered = sorted(set(checkpoints), key=step_of)
+    for old in ordered[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return ordered[-keep:]
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Raise ValueError naming the broken file unless ``path`` is a complete checkpoint: every file
+    present, the sizes its manifest lists, a readable config and safetensors header."""
     missing = [name for name in (CONFIG, WEIGHTS, TRAINER) if not (path / name).is_file()]
     if missing:
-        raise FileNotFoundError(f"{path} is not a checkpoint (it lacks {missing}) and names no latest checkpoint")
-    return path
+        raise ValueError(f"{path} is not a complete checkpoint: it lacks {missing}")
+    if (path / MANIFEST).is_file():
+        try:
+            expected = json.loads((path / MANIFEST).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path / MANIFEST} is corrupt: {err}") from None
+        for name, size in _file_sizes(path).items():
+            if expected.get(name) != size:
+                raise ValueError(f"{path / name} is corrupt: {size} bytes, the manifest says {expected.get(name)}")
+    read_configs(path)
+    try:
+        with safe_open(str(path / WEIGHTS), framework="pt") as f:
+            list(f.keys())
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{path / WEIGHTS} is corrupt: {err}") from None
+
+
+def resolve_checkpoint(path: str | Path, fallback: bool = False, warn=print) -> Path:
+    """A checkpoint directory, given it, a run directory or a checkpoints/ directory (-> its latest).
+
+    fallback: where the latest is missing or broken, take the newest intact checkpoint beside it,
+    with a warning naming each broken one (``--resume auto``). Without it a broken checkpoint is a
+    ValueError naming the broken file."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    root = next((r for r in (path / "checkpoints", path) if (r / "latest").is_file() or list_checkpoints(r)), None)
+    if root is None:
+        verify_checkpoint(path)
+        return path
+    candidates = []
+    if (root / "latest").is_file():
+        candidates.append(root / (root / "latest").read_text().strip())
+    if fallback:
+        candidates += [p for p in reversed(list_checkpoints(root)) if p not in candidates]
+    for candidate in candidates:
+        try:
+            verify_checkpoint(candidate)
+            return candidate
+        except ValueError as err:
+            if not fallback:
+                raise
+            warn(f"warning: skipping a broken checkpoint: {err}")
+    raise FileNotFoundError(f"{path} holds no intact checkpoint")
 
 
 def read_configs(path: Path) -> dict:
-    return json.loads((path / CONFIG).read_text())
+    """config.json of a checkpoint, its model paths taken relative to the run directory where they
+    exist there (a moved run), else as written."""
+    try:
+        configs = json.loads((path / CONFIG).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path / CONFIG} is corrupt: {err}") from None
+    if not isinstance(configs, dict) or not {"model", "train", "frozen_checksums"} <= set(configs):
+        raise ValueError(f"{path / CONFIG} is not a checkpoint config (it lacks model / train / frozen_checksums)")
+    run_dir = path.resolve().parent.parent
+    for name, relative in configs.get("relative_paths", {}).items():
+        if (run_dir / relative).exists():
+            configs["model"][name] = str((run_dir / relative).resolve())
+    return configs
 
 
 def load_weights(path: Path, model: nn.Module) -> None:
     """Load the checkpoint's weights into the model (not yet wrapped; every rank reads the file)."""
-    weights = load_file(str(path / WEIGHTS))
+    try:
+        weights = load_file(str(path / WEIGHTS))
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{path / WEIGHTS} is corrupt: {err}") from None
     params = dict(model.named_parameters())
     unknown = sorted(set(weights) - set(params))
     if unknown:
@@ -160,9 +252,20 @@ def load_weights(path: Path, model: nn.Module) -> None:
             params[name].copy_(tensor)
 
 
+def read_trainer_state(path: Path) -> dict:
+    """trainer.pt, unpickled with weights_only=True: a crafted file cannot run code."""
+    try:
+        return torch.load(path / TRAINER, weights_only=True, map_location="cpu", mmap=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(f"{path / TRAINER} holds something other than tensors and plain values (refused by "
+                         f"torch.load(weights_only=True)): {str(err).splitlines()[0]}") from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise ValueError(f"{path / TRAINER} is corrupt: {str(err).splitlines()[0]}") from None
+
+
 def load_trainer_state(path: Path, model: nn.Module, optimizer, scheduler, env: DistEnv) -> dict:
     """Optimizer, scheduler and this rank's RNG from the checkpoint; returns the whole trainer state."""
-    state = torch.load(path / TRAINER, weights_only=False, map_location="cpu", mmap=True)
+    state = read_trainer_state(path)
     if len(state["rng"]) != env.world_size:
         raise ValueError(f"{path} was written by {len(state['rng'])} processes; this run has {env.world_size}")
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=env.mode != "none")

@@ -21,7 +21,7 @@ _TYPES = {"int": int, "float": float, "str": str}
 
 def _add_option(parser: argparse.ArgumentParser, f: dataclasses.Field) -> None:
     meta, flag = f.metadata, "--" + f.name.replace("_", "-")
-    help_text = f"{meta['help']} (default: {f.default})"
+    help_text = f"{meta['help']} (default: {f.default})".replace("%", "%%")  # argparse %-formats help
     if f.type == "bool":
         parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
         return
@@ -40,23 +40,39 @@ def build_parser() -> argparse.ArgumentParser:
     helps = {"pretrain": "stage 1: ViT and LLM frozen, the bridge trained (lr 1e-3, cosine, 3% warm-up)",
              "finetune": "stage 2: from a pretrain checkpoint, compound token scaling, bridge + LLM trained (lr 2e-5)"}
     for stage in STAGES:
-        sub = stages.add_parser(stage, help=helps[stage], description=helps[stage])
+        sub = stages.add_parser(stage, help=helps[stage].replace("%", "%%"), description=helps[stage].replace("%", "%%"))
         for f in dataclasses.fields(TrainConfig):
             if f.name != "stage":
                 _add_option(sub, f)
+        sub.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done; 1 stopped on a non-finite loss; 2 a usage error (bad option, missing or
+    unwritable path, incompatible checkpoint), reported in one line; 128 + N stopped by signal N
+    (SIGINT 130, SIGTERM 143) after writing a checkpoint."""
     args = vars(build_parser().parse_args(argv))
+    debug = args.pop("debug")
     try:
-        config = TrainConfig(**args)
-    except ValueError as err:
+        return _run(args)
+    except (ValueError, TypeError, OSError) as err:
+        if debug:
+            raise
         print(f"cos-train: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("cos-train: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(args: dict) -> int:
+    config = TrainConfig(**args)
     from transformers.utils import logging as hf_logging
 
-    from .trainer import NonFiniteLossError, Trainer
+    from .trainer import NonFiniteLossError, Trainer, TrainingStopped
 
     hf_logging.disable_progress_bar()  # transformers' own bars would interleave with the training bar
     try:
@@ -64,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as err:
         print(f"cos-train: {err}", file=sys.stderr)
         return 1
+    except TrainingStopped as err:
+        print(f"cos-train: {err}", file=sys.stderr)
+        return 128 + err.signum
     finally:
         import torch.distributed as dist
 

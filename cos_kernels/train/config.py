@@ -7,6 +7,8 @@ Fields left None take a stage- or device-dependent default, which their help tex
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass, field
 
 from ..config_io import DictConfig
@@ -29,7 +31,8 @@ class TrainConfig(DictConfig):
     stage: str = _opt("pretrain", "pretrain: ViT and LLM frozen, bridge trained; finetune: from a pretrain "
                       "checkpoint, compound token scaling, bridge and LLM trained", choices=STAGES)
     # ---- model ----
-    model: str = _opt("tiny", "model preset (pretrain)", choices=tuple(MODEL_PRESETS))
+    model: str | None = _opt(None, "pretrain: model preset (default: tiny); finetune takes the pretrain "
+                             "checkpoint's", choices=tuple(MODEL_PRESETS))
     bridge: str | None = _opt(None, "bridge: a resampler preset or linear / mlp2x_gelu; default: the "
                               "preset's cos-80 for pretrain, cos-1296 for finetune (a projector stays)",
                               choices=BRIDGES)
@@ -77,26 +80,71 @@ class TrainConfig(DictConfig):
     save_every: int = _opt(0, "steps between checkpoints (0: only at the end)")
     keep_checkpoints: int = _opt(2, "checkpoints kept in the run directory")
     resume: str | None = _opt(None, "checkpoint (or run directory) to resume from; 'auto': the run directory's "
-                              "latest checkpoint if there is one")
+                              "newest intact checkpoint if there is one")
+    allow_config_change: bool = _opt(False, "resume even where the training options that shape the run "
+                                     "(global batch, seed, data, steps, lr, ...) differ from the checkpoint's")
     peak_tflops: float | None = _opt(None, "the device's peak TFLOP/s for the MFU estimate (default: known GPUs)")
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
-            choices = f.metadata.get("choices")
-            value = getattr(self, f.name)
-            if choices and value is not None and value not in choices:
-                raise ValueError(f"TrainConfig.{f.name} must be one of {list(choices)}, got {value!r}")
+            _check_type(f, getattr(self, f.name))
         self.check_positive_ints(
             "steps", "global_batch", "log_every", "max_caption_tokens", "train_samples", "keep_checkpoints"
         )
-        for name in ("eval_samples", "save_every", "num_workers", "micro_batch", "llm_warmup_steps", "image_size"):
+        for name in ("micro_batch", "image_size"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            if value is not None and value <= 0:
+                raise ValueError(f"TrainConfig.{name} must be a positive integer or None, got {value!r}")
+        for name in ("eval_samples", "save_every", "num_workers", "llm_warmup_steps", "seed"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
                 raise ValueError(f"TrainConfig.{name} must be a non-negative integer, got {value!r}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"TrainConfig.warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if self.seed >= 2**63:
+            raise ValueError(f"TrainConfig.seed must be below 2**63, got {self.seed}")
+        if self.scale_source is not None and any(s < 0 for s in self.scale_source):
+            raise ValueError(f"TrainConfig.scale_source must name pretrain scales (>= 0), got {self.scale_source}")
+        if self.feature_layers is not None and any(layer < 1 for layer in self.feature_layers):
+            raise ValueError(f"TrainConfig.feature_layers are 1-based ViT layers, got {self.feature_layers}")
+        for name, low, high, what in (("lr", 0, None, "> 0"), ("peak_tflops", 0, None, "> 0"),
+                                      ("weight_decay", None, None, ">= 0"), ("max_grad_norm", None, None, ">= 0 (0: off)"),
+                                      ("warmup_ratio", None, 1, "in [0, 1)")):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            ok = math.isfinite(value) and (value > low if low is not None else value >= 0)
+            if not ok or (high is not None and value >= high):
+                raise ValueError(f"TrainConfig.{name} must be a finite number {what}, got {value!r}")
         if self.stage == "finetune" and self.init_from is None and self.resume is None:
             raise ValueError("stage 'finetune' needs init_from (a pretrain checkpoint) or resume")
+        ignored = [name for name in STAGE_ONLY[_other(self.stage)] if getattr(self, name) is not None]
+        if ignored:
+            flags = ", ".join("--" + name.replace("_", "-") for name in ignored)
+            raise ValueError(f"TrainConfig: {flags} {'is' if len(ignored) == 1 else 'are'} for stage "
+                             f"{_other(self.stage)!r} only; stage {self.stage!r} {STAGE_ONLY_WHY[self.stage]}")
+
+    def resume_conflicts(self, saved: dict) -> tuple[list[str], list[str]]:
+        """Against a checkpoint's saved TrainConfig dict: (model options that differ: the model is the
+        checkpoint's; training options that differ: the resumed run would not continue the saved one),
+        each as "name: saved -> now"."""
+        def differ(names):
+            return [f"{n}: {saved.get(n)!r} -> {getattr(self, n)!r}" for n in names if saved.get(n) != getattr(self, n)]
+        return differ(MODEL_OPTIONS), differ(TRAJECTORY_OPTIONS)
+
+    def command_line(self) -> list[str]:
+        """The cos-train arguments that rebuild this config (options left at their default omitted)."""
+        args = [self.stage]
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "stage" or value == f.default:
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            if isinstance(value, bool):
+                args.append(flag if value else "--no-" + f.name.replace("_", "-"))
+            elif isinstance(value, list):
+                args += [flag, *map(str, value)]
+            else:
+                args += [flag, str(value)]
+        return args
 
     @property
     def peak_lr(self) -> float:
@@ -107,4 +155,59 @@ class TrainConfig(DictConfig):
     @property
     def run_dir(self) -> str:
         return self.out_dir or f"runs/{self.stage}"
+
+    @property
+    def model_preset(self) -> str:
+        return self.model or "tiny"
+
+
+# Options one stage takes and the other must not be given (they would be silently ignored).
+STAGE_ONLY = {
+    "pretrain": ("model", "vision_path", "llm_path", "tokenizer_path", "feature_layers", "llm_warmup_steps"),
+    "finetune": ("init_from", "scale_source"),
+}
+STAGE_ONLY_WHY = {"pretrain": "builds its model from the preset and options",
+                  "finetune": "takes its model from the pretrain checkpoint (init_from)"}
+# On resume, the model comes from the checkpoint: these options must match it.
+MODEL_OPTIONS = ("model", "bridge", "image_size", "scale_source", "vision_path", "llm_path", "tokenizer_path",
+                 "feature_layers", "llm_warmup_steps", "init_from")
+# What shapes the trajectory: a resume with any of these changed does not continue the saved run.
+TRAJECTORY_OPTIONS = ("global_batch", "seed", "data", "image_folder", "train_samples", "max_caption_tokens", "steps",
+                      "lr", "warmup_ratio", "weight_decay", "max_grad_norm", "precision")
+
+
+def _other(stage: str) -> str:
+    return "finetune" if stage == "pretrain" else "pretrain"
+
+
+def _check_type(f: dataclasses.Field, value) -> None:
+    """TypeError unless ``value`` has the field's annotated type (int, float, str, bool, list of the
+    metadata's item type; "| None" allows None); choices checked here too (ValueError)."""
+    kinds = f.type.split(" | ")
+    if value is None:
+        if "None" in kinds:
+            return
+    else:
+        kind = kinds[0]
+        item = f.metadata.get("type")
+        if kind == "bool":
+            ok = isinstance(value, bool)
+        elif kind == "int":
+            ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+        elif kind == "float":
+            ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+        elif kind == "str":
+            ok = isinstance(value, str)
+        else:  # list
+            ok = isinstance(value, (list, tuple)) and len(value) > 0 and all(
+                isinstance(v, item) and not isinstance(v, bool) for v in value)
+        if ok:
+            choices = f.metadata.get("choices")
+            if choices and value not in choices:
+                raise ValueError(f"TrainConfig.{f.name} must be one of {list(choices)}, got {value!r}")
+            return
+    expected = {"bool": "True or False", "int": "an integer", "float": "a number", "str": "a string",
+                "list": f"a non-empty list of {getattr(f.metadata.get('type'), '__name__', '')}s"}[kinds[0]]
+    raise TypeError(f"TrainConfig.{f.name} must be {expected}{' or None' if 'None' in kinds else ''}, "
+                    f"got {value!r} ({type(value).__name__})")
 

@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..atomic_io import atomic_text
+
 __all__ = ["ComponentProfile", "profile_components", "peak_flops", "peak_memory_gb", "StepMeter", "JsonlLog"]
 
 # Dense bf16 tensor-core peaks (TFLOP/s) of common GPUs, matched against the device name.
@@ -131,14 +133,24 @@ class StepMeter:
 
 
 class JsonlLog:
-    """One JSON object per line (rank 0 only); a fresh run starts a new file, a resumed one appends."""
+    """One JSON object per line (rank 0 only). A fresh run (keep_until None) starts a new file; a
+    resumed one keeps the records up to its checkpoint's step, keep_until, and appends after them
+    (so a run resumed after a crash lists every step once, in order)."""
 
-    def __init__(self, path: Path, enabled: bool, append: bool):
+    def __init__(self, path: Path, enabled: bool, keep_until: int | None):
         self.path, self.enabled = path, enabled
         if enabled:
             path.parent.mkdir(parents=True, exist_ok=True)
-            if not append:
-                path.write_text("")
+            kept = []
+            if keep_until is not None and path.is_file():
+                for line in path.read_text().splitlines():
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue  # a line cut short by a kill
+                    if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= keep_until:
+                        kept.append(line + "\n")
+            atomic_text(path, "".join(kept))
 
     def write(self, record: dict) -> None:
         if self.enabled:

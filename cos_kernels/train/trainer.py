@@ -10,8 +10,12 @@ One optimizer step = gradient accumulation over micro-batches:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
+import shlex
+import signal
+import tempfile
 import time
 from pathlib import Path
 
@@ -20,16 +24,19 @@ from tqdm import tqdm
 
 from ..mllm import IGNORE_INDEX, CaptionCollator, CoSMLLM, MLLMConfig
 from ..resampler import MultiScaleResampler
-from .checkpoint import (check_frozen_checksums, frozen_checksums, load_trainer_state, load_weights,
-                         read_configs, resolve_checkpoint, save_checkpoint)
+from ..atomic_io import remove_stale
+from .checkpoint import (check_frozen_checksums, frozen_checksums, list_checkpoints, load_trainer_state, load_weights,
+                         prune_checkpoints, read_configs, relative_paths, resolve_checkpoint, save_checkpoint,
+                         step_of)
 from .config import TrainConfig
 from .data import MicroBatchStream, build_eval_dataset, build_train_dataset
 from .distributed import DistEnv, all_reduce_sum, setup_distributed, wrap_model
 from .evaluate import evaluate
 from .metrics import JsonlLog, StepMeter, peak_flops, peak_memory_gb, profile_components
+from .stopping import StopSignals, TrainingStopped
 from .warmup import warm_up_llm
 
-__all__ = ["Trainer", "NonFiniteLossError", "cosine_with_warmup"]
+__all__ = ["Trainer", "NonFiniteLossError", "TrainingStopped", "cosine_with_warmup"]
 
 TRAINABLE = {"pretrain": ("bridge",), "finetune": ("bridge", "llm")}
 TINY_LLM_WARMUP_STEPS = 200
@@ -62,7 +69,16 @@ class Trainer:
             "bf16" if self.env.device.type == "cuda" else "fp32")
         torch.manual_seed(config.seed)
 
+        # everything a user can get wrong is checked before the expensive work (model build, LLM warm-up)
+        self._check_paths()
         resume = self._resume_checkpoint()
+        self.init_source = None
+        if resume is None and config.stage == "finetune":
+            if config.init_from is None:
+                raise ValueError(f"resume='auto' found no checkpoint in {self.run_dir} and init_from is not given: "
+                                 f"a finetune run starts from a pretrain checkpoint (init_from)")
+            self.init_source = resolve_checkpoint(config.init_from)
+        self.model_name = config.model_preset
         self.model, self.checksums = self._build_model(resume)
         self.model_config: MLLMConfig = self.model.config
         self.collator = CaptionCollator(self.model.tokenizer, config.max_caption_tokens)
@@ -82,15 +98,20 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, cosine_with_warmup(warmup, config.steps))
 
         self.step, self.losses, self.meter, position = 0, [], StepMeter(), 0
+        self.checkpoints: list[Path] = []  # what pruning may delete: this run's lineage, in step order
+        self.last_saved: tuple[int, Path] | None = None
         if resume is not None:
             state = load_trainer_state(resume, self.wrapped, self.optimizer, self.scheduler, self.env)
             self.step, self.losses, position = state["step"], state["losses"], state["data_position"]
             self.meter.totals = state["meter_totals"]
+            self.last_saved = (self.step, resume)
             self.log(f"resumed from {resume} at step {self.step}")
+        self._adopt_checkpoints(resume)
         workers = config.num_workers if config.num_workers is not None else (4 if self.env.device.type == "cuda" else 0)
         self.stream = MicroBatchStream(self.train_data, self.collator, self.micro_batch, config.seed,
                                        self.env.rank, self.env.world_size, workers, position)
-        self.jsonl = JsonlLog(self.run_dir / "metrics.jsonl", self.env.is_main, append=resume is not None)
+        self.jsonl = JsonlLog(self.run_dir / "metrics.jsonl", self.env.is_main,
+                              keep_until=self.step if resume is not None else None)
         self.peak = peak_flops(self.env.device, config.peak_tflops)
 
     # ---- construction -----------------------------------------------------------------------
@@ -103,22 +124,74 @@ class Trainer:
             )
         return micro, cfg.global_batch // (micro * world)
 
-    def _resume_checkpoint(self) -> Path | None:
-        """The checkpoint to resume: config.resume, or with "auto" the run directory's latest if any."""
+    def _check_paths(self) -> None:
+        """The run directory is writable (and cleared of what killed writers left), the inputs exist."""
         cfg = self.config
-        if cfg.resume is None or (cfg.resume == "auto" and not (self.run_dir / "checkpoints" / "latest").is_file()):
+        if self.env.is_main:
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                tempfile.TemporaryFile(dir=self.run_dir).close()
+            except OSError as err:
+                raise PermissionError(f"out_dir {str(self.run_dir)!r} cannot be written: "
+                                      f"{err.strerror or err}") from None
+            for root in (self.run_dir, self.run_dir / "checkpoints"):
+                for stale in remove_stale(root):
+                    self.log(f"removed {stale}: an unfinished write of an interrupted run")
+        if cfg.data != "synthetic" and not Path(cfg.data).is_file():
+            raise FileNotFoundError(f"data must be 'synthetic' or an existing LLaVA JSON file, got {cfg.data!r}")
+        for name in ("image_folder", "vision_path", "llm_path", "tokenizer_path", "init_from"):
+            value = getattr(cfg, name)
+            if value is not None and not Path(value).exists():
+                raise FileNotFoundError(f"{name} {value!r} does not exist (everything is read from local paths)")
+        if cfg.resume not in (None, "auto") and not Path(cfg.resume).exists():
+            raise FileNotFoundError(f"resume {cfg.resume!r} does not exist (a checkpoint, a run directory or 'auto')")
+
+    def _resume_checkpoint(self) -> Path | None:
+        """The checkpoint to resume: config.resume, or with "auto" the run directory's newest intact
+        one if any; refused where it was trained with other options (see TrainConfig.resume_conflicts)."""
+        cfg = self.config
+        root = self.run_dir / "checkpoints"
+        if cfg.resume is None or (cfg.resume == "auto" and not list_checkpoints(root)):
             return None
-        path = resolve_checkpoint(self.run_dir if cfg.resume == "auto" else cfg.resume)
-        saved_stage = read_configs(path)["train"]["stage"]
-        if saved_stage != cfg.stage:
-            raise ValueError(f"resume={cfg.resume!r} is a {saved_stage!r} checkpoint; this run's stage is {cfg.stage!r}")
+        if cfg.resume == "auto":
+            path = resolve_checkpoint(self.run_dir, fallback=True, warn=self.log)
+        else:
+            path = resolve_checkpoint(cfg.resume)
+        saved = read_configs(path)["train"]
+        if saved["stage"] != cfg.stage:
+            raise ValueError(f"resume={cfg.resume!r} is a {saved['stage']!r} checkpoint; this run's stage is {cfg.stage!r}")
+        model_changes, run_changes = cfg.resume_conflicts(saved)
+        if model_changes:
+            raise ValueError(f"resume={cfg.resume!r}: {path} was trained with other model options "
+                             f"({'; '.join(model_changes)}); a resumed run takes its model from the checkpoint: "
+                             f"give the checkpoint's values or start a new run")
+        if run_changes and not cfg.allow_config_change:
+            raise ValueError(f"resume={cfg.resume!r}: {path} was trained with other options "
+                             f"({'; '.join(run_changes)}), so this run would not continue it; give the "
+                             f"checkpoint's values, or --allow-config-change to resume with the new ones")
+        if run_changes:
+            self.log(f"warning: resuming {path} with changed options: {'; '.join(run_changes)}")
         return path
+
+    def _adopt_checkpoints(self, resume: Path | None) -> None:
+        """The checkpoints already in the run directory that this run may prune: the one it resumed
+        from and those before it. Later ones (another continuation) are kept, and replaced only
+        where this run writes the same step."""
+        root = self.run_dir / "checkpoints"
+        present = list_checkpoints(root)
+        if resume is not None and resume.resolve().parent == root.resolve():
+            self.checkpoints = [p for p in present if step_of(p) <= self.step]
+        others = [p.name for p in present if p not in self.checkpoints]
+        if others and self.env.is_main:
+            self.log(f"note: {root} holds checkpoints this run did not start from ({', '.join(others)}); "
+                     f"they are kept, except any this run rewrites at the same step")
 
     def _build_model(self, resume: Path | None) -> tuple[CoSMLLM, dict]:
         """The model of the stage, its trainable parts set, and the checksums of its frozen parts."""
         cfg = self.config
         if resume is not None:
             saved = read_configs(resume)
+            self.model_name = saved.get("model_preset", saved["train"].get("model") or "tiny")
             model = _set_trainable(CoSMLLM(MLLMConfig.from_dict(saved["model"]), backend=cfg.backend), cfg.stage)
             check_frozen_checksums(saved["frozen_checksums"], model, resume)
             load_weights(resume, model)
@@ -127,10 +200,11 @@ class Trainer:
             model_config = self._pretrain_model_config()
             model = _set_trainable(CoSMLLM(model_config, backend=cfg.backend), cfg.stage)
             return model, frozen_checksums(model)
-        source = resolve_checkpoint(cfg.init_from)
+        source = self.init_source
         saved = read_configs(source)
         if saved["train"]["stage"] != "pretrain":
             raise ValueError(f"init_from={cfg.init_from!r} is a {saved['train']['stage']!r} checkpoint, not pretrain")
+        self.model_name = saved.get("model_preset", saved["train"].get("model") or "tiny")
         model = _set_trainable(CoSMLLM(MLLMConfig.from_dict(saved["model"]), backend=cfg.backend), "pretrain")
         check_frozen_checksums(saved["frozen_checksums"], model, source)
         load_weights(source, model)
@@ -146,10 +220,10 @@ class Trainer:
         cfg = self.config
         overrides = {k: getattr(cfg, k) for k in ("bridge", "image_size", "vision_path", "llm_path",
                                                   "tokenizer_path", "feature_layers") if getattr(cfg, k) is not None}
-        model_config = MLLMConfig.from_preset(cfg.model, seed=cfg.seed, **overrides)
+        model_config = MLLMConfig.from_preset(cfg.model_preset, seed=cfg.seed, **overrides)
         steps = cfg.llm_warmup_steps
         if steps is None:
-            steps = TINY_LLM_WARMUP_STEPS if cfg.model == "tiny" and model_config.llm_path is None else 0
+            steps = TINY_LLM_WARMUP_STEPS if cfg.model_preset == "tiny" and model_config.llm_path is None else 0
         if steps and model_config.llm_path is None:
             captions = build_train_dataset(cfg, model_config.image_size)
             model_config = warm_up_llm(model_config, captions, steps, self.run_dir, self.env, self.log)
@@ -197,12 +271,9 @@ class Trainer:
         grad_norm = float(norm)
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
-            last = (self.run_dir / "checkpoints" / "latest")
-            good = f"{self.run_dir / 'checkpoints' / last.read_text().strip()}" if last.is_file() else "none written yet"
             raise NonFiniteLossError(
                 f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at step {self.step + 1} "
-                f"(loss {loss}, grad norm {grad_norm}): stopping without applying the step; last good "
-                f"checkpoint: {good}"
+                f"(loss {loss}, grad norm {grad_norm}): stopping without applying the step"
             )
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
@@ -217,35 +288,73 @@ class Trainer:
                     skipped_images=int(skipped), data_time=fetched - start, compute_time=done - fetched)
 
     def save(self) -> Path:
+        """Checkpoint the current state (collective), then prune this run's older checkpoints."""
         state = {"data_position": self.stream.position, "losses": self.losses, "meter_totals": self.meter.totals}
-        configs = {"model": self.model_config.to_dict(), "train": self.config.to_dict(),
-                   "frozen_checksums": self.checksums}
-        return save_checkpoint(self.run_dir, self.step, self.wrapped, self.optimizer, self.scheduler, self.env,
-                               configs, state, self.config.keep_checkpoints)
+        model = self.model_config.to_dict()
+        configs = {"model": model, "train": self.config.to_dict(), "frozen_checksums": self.checksums,
+                   "relative_paths": relative_paths(model, self.run_dir), "model_preset": self.model_name}
+        path = save_checkpoint(self.run_dir, self.step, self.wrapped, self.optimizer, self.scheduler, self.env,
+                               configs, state)
+        if self.env.is_main:
+            self.checkpoints = prune_checkpoints([*self.checkpoints, path], self.config.keep_checkpoints)
+        self.last_saved = (self.step, path)
+        return path
+
+    def _save_last_good(self) -> str:
+        """After a non-finite step (not applied): where the last good state is on disk."""
+        if self.last_saved is not None and self.last_saved[0] == self.step:
+            return f"{self.last_saved[1]} (step {self.step})"
+        trained = [p for p in self.wrapped.parameters() if p.requires_grad]
+        if all(bool(torch.isfinite(p.detach()).all()) for p in trained):
+            return (f"{self.save()} (step {self.step}; its data position is past the failed step's batches, "
+                    f"so resuming skips them)")
+        return (f"none written: the trained weights themselves are not finite; the last checkpoint: "
+                f"{self.last_saved[1] if self.last_saved else 'none'}")
+
+    def _resume_hint(self) -> str:
+        args = shlex.join(dataclasses.replace(self.config, resume="auto").command_line())
+        launcher = "torchrun --nproc-per-node N -m cos_kernels.train" if self.env.world_size > 1 else "cos-train"
+        return f"{launcher} {args}"
 
     def fit(self) -> dict:
-        """Train to config.steps, checkpointing and reporting on the way; evaluate; return the summary."""
+        """Train to config.steps, checkpointing and reporting on the way; evaluate; return the summary.
+
+        SIGINT / SIGTERM: the current step finishes, a checkpoint is written, TrainingStopped is raised.
+        A non-finite loss: the step is not applied, the last good state is checkpointed (unless it is
+        already), NonFiniteLossError is raised."""
         cfg, env = self.config, self.env
         self.log(self._describe())
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not env.is_main, desc=cfg.stage, unit="step",
                    dynamic_ncols=True, mininterval=1.0)
         first_loss = self.losses[0] if self.losses else None
-        while self.step < cfg.steps:
-            out = self.train_step()
-            first_loss = first_loss if first_loss is not None else out["loss"]
-            self.meter.add(steps=1, **{k: v for k, v in out.items() if k != "lr"})
-            bar.update(1)
-            bar.set_postfix(loss=f"{out['loss']:.4f}", lr=f"{out['lr']:.2e}")
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                record = self.meter.report(self.step, out["lr"], self.model.num_visual_tokens,
-                                           self.profile.flops_per_sample, self.peak, env.world_size,
-                                           peak_memory_gb(env.device))
-                self.jsonl.write(record)
-                self.log(_format_record(record))
-            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
-                self.save()
+        with StopSignals() as signals:
+            while self.step < cfg.steps:
+                try:
+                    out = self.train_step()
+                except NonFiniteLossError as err:
+                    bar.close()
+                    raise NonFiniteLossError(f"{err}; the last good state: {self._save_last_good()}") from None
+                first_loss = first_loss if first_loss is not None else out["loss"]
+                self.meter.add(steps=1, **{k: v for k, v in out.items() if k != "lr"})
+                bar.update(1)
+                bar.set_postfix(loss=f"{out['loss']:.4f}", lr=f"{out['lr']:.2e}")
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    record = self.meter.report(self.step, out["lr"], self.model.num_visual_tokens,
+                                               self.profile.flops_per_sample, self.peak, env.world_size,
+                                               peak_memory_gb(env.device))
+                    self.jsonl.write(record)
+                    self.log(_format_record(record))
+                signum = signals.requested(env)
+                if signum:
+                    bar.close()
+                    path = self.save()
+                    raise TrainingStopped(f"stopped by {signal.Signals(signum).name} after step {self.step} of "
+                                          f"{cfg.steps}; checkpoint {path}; resume with: {self._resume_hint()}",
+                                          signum)
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
+                    self.save()
         bar.close()
-        checkpoint = self.save()
+        checkpoint = self.save() if self.last_saved is None or self.last_saved[0] != self.step else self.last_saved[1]
         summary = self.summary(first_loss, checkpoint)
         if env.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -262,7 +371,7 @@ class Trainer:
         visual = self.model.num_visual_tokens
         text = t["text_tokens"] / t["samples"] if t["samples"] else 0.0
         return {
-            "stage": cfg.stage, "model": cfg.model, "bridge": self.model_config.bridge,
+            "stage": cfg.stage, "model": self.model_name, "bridge": self.model_config.bridge,
             "image_size": self.model_config.image_size, "device": str(env.device), "processes": env.world_size,
             "steps": self.step, "samples": t["samples"], "train_time_s": run_time,
             "loss_first": first_loss, "loss_last": self.losses[-1] if self.losses else None,
@@ -282,7 +391,7 @@ class Trainer:
         n_train = sum(p.numel() for p in m.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in m.parameters())
         kind = "resampler" if isinstance(m.bridge, MultiScaleResampler) else "projector"
-        return (f"{cfg.stage}: model {cfg.model}, {m.config.image_size} px, bridge {m.config.bridge} ({kind}, "
+        return (f"{cfg.stage}: model {self.model_name}, {m.config.image_size} px, bridge {m.config.bridge} ({kind}, "
                 f"{m.num_visual_tokens} visual tokens), {n_train / 1e6:.2f}M of {n_all / 1e6:.2f}M parameters "
                 f"trained; {cfg.steps} steps x {cfg.global_batch} samples ({env.world_size} x {self.micro_batch} x "
                 f"{self.accum} accumulation) on {env.device} ({self.precision}, {env.mode}); run dir {self.run_dir}")

@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from ..atomic_io import atomic_dir
 from ..mllm import MLLMConfig, build_llm, load_tokenizer
 from ..mllm.collate import CaptionCollator
 from .distributed import DistEnv
@@ -60,11 +58,10 @@ def warm_up_llm(model_config: MLLMConfig, captions, steps: int, run_dir: Path, e
             optimizer.zero_grad(set_to_none=True)
             if step == 0 or (step + 1) % max(1, steps // 4) == 0:
                 log(f"llm warm-up step {step + 1}/{steps}: caption-only loss {out.loss.item():.3f}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".llm-warmup.", dir=path.parent))
-        llm.save_pretrained(tmp)
-        (tmp / RECIPE).write_text(recipe)
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
+        def write(tmp: Path) -> None:
+            llm.save_pretrained(tmp)
+            (tmp / RECIPE).write_text(recipe)
+
+        atomic_dir(path, write)
     env.barrier()
     return replace(model_config, llm_path=str(path))
