@@ -44,8 +44,8 @@ def atomic_file(path: str | os.PathLike, write) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     os.close(fd)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # after: some writers (safetensors) create the file 0600
         os.replace(tmp, path)
     except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
@@ -65,8 +65,11 @@ def atomic_dir(final: str | os.PathLike, write) -> None:
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=TMP_SUFFIX, dir=final.parent))
     try:
-        os.chmod(tmp, 0o777 & ~_umask())
         write(tmp)
+        mask = _umask()
+        os.chmod(tmp, 0o777 & ~mask)
+        for inner in tmp.rglob("*"):
+            os.chmod(inner, (0o777 if inner.is_dir() else 0o666) & ~mask)
         if final.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", suffix=TMP_SUFFIX, dir=final.parent))
             os.replace(final, trash / final.name)

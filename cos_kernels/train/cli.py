@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     helps = {"pretrain": "stage 1: ViT and LLM frozen, the bridge trained (lr 1e-3, cosine, 3% warm-up)",
              "finetune": "stage 2: from a pretrain checkpoint, compound token scaling, bridge + LLM trained (lr 2e-5)"}
     for stage in STAGES:
-        sub = stages.add_parser(stage, help=helps[stage].replace("%", "%%"), description=helps[stage].replace("%", "%%"))
+        # help strings are %-formatted by argparse, descriptions are not
+        sub = stages.add_parser(stage, help=helps[stage].replace("%", "%%"), description=helps[stage])
         for f in dataclasses.fields(TrainConfig):
             if f.name != "stage":
                 _add_option(sub, f)

@@ -344,18 +344,18 @@ class Trainer:
                                                peak_memory_gb(env.device))
                     self.jsonl.write(record)
                     self.log(_format_record(record))
-                signum = signals.requested(env)
-                if signum:
-                    bar.close()
-                    path = self.save()
-                    raise TrainingStopped(f"stopped by {signal.Signals(signum).name} after step {self.step} of "
-                                          f"{cfg.steps}; checkpoint {path}; resume with: {self._resume_hint()}",
-                                          signum)
+                if signals.requested(env):
+                    break
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
                     self.save()
-        bar.close()
-        checkpoint = self.save() if self.last_saved is None or self.last_saved[0] != self.step else self.last_saved[1]
-        summary = self.summary(first_loss, checkpoint)
+            bar.close()
+            checkpoint = self.save() if self.last_saved is None or self.last_saved[0] != self.step else self.last_saved[1]
+            signum = signals.requested(env)
+            if signum:
+                raise TrainingStopped(f"stopped by {signal.Signals(signum).name} after step {self.step} of "
+                                      f"{cfg.steps}; checkpoint {checkpoint}; resume with: {self._resume_hint()}",
+                                      signum)
+        summary = self.summary(first_loss, checkpoint)  # a signal now: the default (the checkpoint is written)
         if env.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
             self.log(_format_summary(summary))
