@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("preflight", "kernel", "module", "e2e")
 PASSES = ("fwd", "bwd", "fwdbwd")
 KERNEL_IMPLS = ("triton", "cuda", "torch", "sdpa_mask", "flex", "flash_varlen")  # fused first: most wanted
-PACKAGES = ("torch", "triton", "numpy", "transformers", "safetensors", "einops", "tqdm", "PIL", "matplotlib",
+PACKAGES = ("torch", "triton", "numpy", "transformers", "safetensors", "tqdm", "PIL", "matplotlib",
             "pytest", "pytest_benchmark", "pytest_timeout", "xdist", "ninja", "pybind11", "cos_kernels",
             "cos_kernels.ops.triton_backend", "cos_kernels.mllm", "torch.nn.attention.flex_attention")
 
