@@ -1,5 +1,7 @@
 """The reference MLLM: vision tower, bridges, loss masking, generation, compound token scaling."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -132,8 +134,13 @@ def test_padding_does_not_change_a_samples_loss(tiny):
 
 
 def test_greedy_generation_matches_a_recomputing_argmax_loop(tiny):
+    """Also: generation (every evaluation runs it) uses the KV-cache argument this transformers
+    takes, without a deprecation warning (transformers 5.24 warns that past_key_values goes in 5.40)."""
     pixels = batch_of(tiny, 2)["pixel_values"]
-    generated = tiny.generate(pixels, max_new_tokens=6, stop_at_eos=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        generated = tiny.generate(pixels, max_new_tokens=6, stop_at_eos=False)
+    assert not [str(w.message) for w in caught if issubclass(w.category, (DeprecationWarning, FutureWarning))]
     with torch.no_grad():
         visual = tiny.encode_images(pixels)
         ids = torch.full((2, 1), tiny.tokenizer.bos_id)
@@ -196,3 +203,10 @@ def test_vision_tower_and_llm_load_from_local_paths(tmp_path, tiny):
     assert all(torch.equal(a, b) for a, b in zip(loaded.llm.parameters(), tiny.llm.parameters()))
     with pytest.raises(ValueError, match="expected CLIP or SigLIP"):
         CoSMLLM(MLLMConfig.from_preset("tiny", vision_path=str(tmp_path / "llm")))
+
+
+def test_missing_local_paths_are_named_before_any_load(tmp_path):
+    for field in ("vision_path", "llm_path", "tokenizer_path"):
+        config = MLLMConfig.from_preset("tiny", **{field: str(tmp_path / "nowhere")})
+        with pytest.raises(FileNotFoundError, match=f"MLLMConfig.{field} '{tmp_path / 'nowhere'}' does not exist"):
+            CoSMLLM(config)
