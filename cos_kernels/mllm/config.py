@@ -86,6 +86,8 @@ class MLLMConfig(DictConfig):
             raise ValueError(
                 f"bridge {self.bridge!r} takes one feature layer, got feature_layers={self.feature_layers}"
             )
+        if not self.is_projector:  # the preset's windows must rescale to this grid: refused now, not after a build
+            self.resampler_config(self.vision_width, self.llm_width, 1)
 
     def check_paths(self) -> None:
         """FileNotFoundError naming the field unless each local path given exists (nothing is

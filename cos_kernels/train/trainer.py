@@ -122,6 +122,9 @@ class Trainer:
             raise ValueError(
                 f"global_batch={cfg.global_batch} must be a multiple of micro_batch ({micro}) x processes ({world})"
             )
+        if cfg.data == "synthetic" and cfg.train_samples < micro * world:
+            raise ValueError(f"train_samples={cfg.train_samples} is less than one micro-batch of {micro} per process "
+                             f"({world} processes)")
         return micro, cfg.global_batch // (micro * world)
 
     def _check_paths(self) -> None:
