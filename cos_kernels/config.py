@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config_io import DictConfig
-from .layout import WindowLayout, _pair
+from .layout import WindowLayout, _pair, _positive_int
 
 __all__ = ["CoSConfig", "PRESETS"]
 
@@ -21,6 +22,12 @@ class CoSConfig(DictConfig):
     vision_dim: width C of the ViT features; dim: the resampler's width; llm_dim: the output width.
     num_levels: feature levels consumed in sequence (one block per level and scale).
     drop_cls: accept features with a leading CLS token (N + 1 tokens) and drop it.
+    mlp_ratio: hidden width of each block's MLP over dim; norm_eps: the LayerNorms' epsilon;
+    init_std: the std of the truncated-normal initialisation.
+
+    Integers are numbers.Integral (not bool) > 0, stored as int; mlp_ratio, norm_eps and init_std
+    finite numbers.Real > 0, stored as float; windows and queries lists or tuples, one entry per
+    scale. A wrong type raises TypeError, a wrong value ValueError, each naming the field.
     """
 
     grid: int | tuple[int, int] = 16
@@ -38,17 +45,33 @@ class CoSConfig(DictConfig):
     init_std: float = 0.02
 
     def __post_init__(self):
-        self.grid = _pair(self.grid, "grid")
-        self.windows = [w if isinstance(w, int) else list(_pair(w, "window")) for w in self.windows]
-        self.queries = list(self.queries)
-        self.layout  # validates windows and queries against the grid
         self.check_positive_ints("patch_size", "vision_dim", "dim", "num_heads", "llm_dim", "num_levels")
+        self.check_positive_reals("mlp_ratio", "norm_eps", "init_std")
+        if not isinstance(self.drop_cls, bool):
+            raise TypeError(
+                f"CoSConfig.drop_cls must be a bool (True or False), got {self.drop_cls!r} "
+                f"({type(self.drop_cls).__name__})"
+            )
+        self.grid = _pair(self.grid, "CoSConfig.grid")
+        for name in ("windows", "queries"):
+            value = getattr(self, name)
+            if not isinstance(value, (list, tuple)):
+                raise TypeError(
+                    f"CoSConfig.{name} must be a list or tuple with one entry per scale, got {value!r} "
+                    f"({type(value).__name__})"
+                )
+        self.windows = [_window(w, f"CoSConfig.windows[{s}]") for s, w in enumerate(self.windows)]
+        self.queries = [_positive_int(n, f"CoSConfig.queries[{s}]") for s, n in enumerate(self.queries)]
+        self.layout  # validates windows and queries against the grid
         if self.dim % self.num_heads:
             raise ValueError(
                 f"CoSConfig.dim = {self.dim} must be divisible by num_heads = {self.num_heads}"
             )
-        if not self.mlp_ratio > 0 or int(self.dim * self.mlp_ratio) < 1:
-            raise ValueError(f"CoSConfig.mlp_ratio must be positive, got {self.mlp_ratio!r}")
+        if self.hidden_dim < 1:
+            raise ValueError(
+                f"CoSConfig.mlp_ratio = {self.mlp_ratio!r} gives hidden_dim = int(dim * mlp_ratio) = "
+                f"{self.hidden_dim} for dim = {self.dim}; it must be at least 1"
+            )
 
     @property
     def layout(self) -> WindowLayout:
@@ -79,18 +102,38 @@ class CoSConfig(DictConfig):
         return cls.from_dict({**PRESETS[name], **overrides})
 
     @classmethod
-    def from_json(cls, text_or_path: str | Path) -> "CoSConfig":
-        """From a JSON string or the path of a JSON file."""
-        text = str(text_or_path)
-        if not text.lstrip().startswith("{"):
-            text = Path(text_or_path).read_text()
+    def from_json(cls, text_or_path: str | os.PathLike) -> "CoSConfig":
+        """From JSON text (a str whose stripped text starts with "{" or "[") or the path of a JSON
+        file (any other str, or an os.PathLike)."""
+        if isinstance(text_or_path, str) and text_or_path.lstrip()[:1] in ("{", "["):
+            text = text_or_path
+        elif isinstance(text_or_path, (str, os.PathLike)):
+            path = Path(text_or_path)
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"CoSConfig.from_json: {str(path)!r} is neither JSON text (starting with '{{' or "
+                    f"'[') nor an existing file"
+                )
+            text = path.read_text()
+        else:
+            raise TypeError(
+                f"CoSConfig.from_json takes JSON text or a file path (str or os.PathLike), got "
+                f"{type(text_or_path).__name__}"
+            )
         try:
             d = json.loads(text)
         except json.JSONDecodeError as err:
             raise ValueError(f"CoSConfig JSON is malformed: {err}") from None
         if not isinstance(d, dict):
-            raise ValueError(f"CoSConfig JSON must be an object, got {type(d).__name__}")
+            raise ValueError(f"CoSConfig JSON must be a JSON object {{...}}, got {type(d).__name__}")
         return cls.from_dict(d)
+
+
+def _window(value, what: str) -> int | list[int]:
+    """A window side as stored in the config: an int (square) or a list [wh, ww]."""
+    if isinstance(value, (list, tuple)):
+        return list(_pair(value, what))
+    return _positive_int(value, what)
 
 
 PRESETS: dict[str, dict] = {

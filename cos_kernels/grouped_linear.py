@@ -70,9 +70,10 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def _grouped_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """F.grouped_mm exists, x is on CUDA with capability >= 9.0 and is (or autocasts to) bf16, and
-    both widths are multiples of 16 bytes (its stride rule, for the forward and backward products)."""
-    if not (hasattr(F, "grouped_mm") and x.is_cuda and _compute_dtype(x) == torch.bfloat16):
+    """F.grouped_mm exists, x has rows (an empty batch takes the per-segment path), is on CUDA with
+    capability >= 9.0 and is (or autocasts to) bf16, and both widths are multiples of 16 bytes (its
+    stride rule, for the forward and backward products)."""
+    if not (hasattr(F, "grouped_mm") and x.numel() and x.is_cuda and _compute_dtype(x) == torch.bfloat16):
         return False
     aligned = weight.shape[1] % 8 == 0 and weight.shape[2] % 8 == 0  # 8 bf16 = 16 bytes
     return aligned and torch.cuda.get_device_properties(x.device).major >= 9

@@ -17,7 +17,11 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["WindowLayout", "LayoutTables"]
+__all__ = ["WindowLayout", "LayoutTables", "MAX_TABLE_SIZE"]
+
+MAX_TABLE_SIZE = 2**24
+"""Bound on a layout's patches, total windows and total queries: its index tables are int32, and
+building them stays fast."""
 
 
 def _positive_int(value, what: str) -> int:
@@ -26,6 +30,14 @@ def _positive_int(value, what: str) -> int:
     if value <= 0:
         raise ValueError(f"{what} must be a positive integer, got {value}")
     return int(value)
+
+
+def _check_size(what: str, value: int, detail: str) -> None:
+    if value > MAX_TABLE_SIZE:
+        raise ValueError(
+            f"{what} = {value} ({detail}) exceeds the bound {MAX_TABLE_SIZE} (2**24) of a layout's "
+            f"int32 index tables"
+        )
 
 
 def _pair(value, what: str) -> tuple[int, int]:
@@ -73,6 +85,9 @@ class WindowLayout:
         windows: per scale, the window side: an int (square) or (wh, ww); each side divides the grid's.
         queries: per scale, the total number of queries; divisible by the scale's number of windows.
 
+    The number of patches, the total windows and the total queries are each at most MAX_TABLE_SIZE
+    (2**24): the index tables are int32.
+
     Example: ``WindowLayout(16, [16, 4], [16, 64])`` is one 16x16 window with 16 queries plus sixteen
     4x4 windows with 4 queries each: 80 queries.
     """
@@ -92,6 +107,7 @@ class WindowLayout:
                 f"{list(windows)!r} and {len(queries)} queries {list(queries)!r}"
             )
         gh, gw = self.grid
+        _check_size("num_patches", gh * gw, f"grid {self.grid}")
         self.windows: tuple[tuple[int, int], ...] = tuple(
             _pair(w, f"windows[{s}]") for s, w in enumerate(windows)
         )
@@ -104,6 +120,8 @@ class WindowLayout:
                     f"windows[{s}] = ({wh}, {ww}) does not tile the grid ({gh}, {gw}): each window "
                     f"side must divide the grid side"
                 )
+        _check_size("total_windows", self.total_windows, f"windows per scale {self.windows_per_scale}")
+        _check_size("total_queries", self.total_queries, f"queries {self.queries}")
         for s, n in enumerate(self.queries):
             nw = self.windows_per_scale[s]
             if n % nw:
@@ -180,6 +198,13 @@ class WindowLayout:
 
     @staticmethod
     def from_spec(spec: Sequence[int]) -> "WindowLayout":
+        """The layout of ``to_spec``'s flat integers (ints only: 16.0 or 16.7 is refused)."""
+        spec = tuple(spec)
+        for i, x in enumerate(spec):
+            if isinstance(x, bool) or not isinstance(x, numbers.Integral):
+                raise TypeError(
+                    f"layout spec[{i}] must be an integer, got {x!r} ({type(x).__name__}) in spec {spec!r}"
+                )
         return _layout_from_spec(tuple(int(x) for x in spec))
 
     def __eq__(self, other) -> bool:
@@ -204,25 +229,37 @@ class WindowLayout:
         return self._tables[device]
 
     def _build_tables(self, device: torch.device) -> LayoutTables:
-        cols: dict[str, list[int]] = {name: [] for name in LayoutTables.__dataclass_fields__}
-        wid = 0
-        for s in range(self.num_scales):
-            qpw = self.queries_per_window[s]
-            for w in range(self.windows_per_scale[s]):
-                rows, columns = self.window_patches(s, w)
-                cols["window_scale"].append(s)
-                cols["window_row0"].append(rows.start)
-                cols["window_col0"].append(columns.start)
-                cols["window_height"].append(len(rows))
-                cols["window_width"].append(len(columns))
-                cols["window_q_start"].append(self.query_offsets[s] + w * qpw)
-                cols["window_q_count"].append(qpw)
-                cols["query_scale"] += [s] * qpw
-                cols["query_window"] += [wid] * qpw
-                wid += 1
-        return LayoutTables(
-            **{k: torch.tensor(v, dtype=torch.int32, device=device) for k, v in cols.items()}
+        """Every window at once, W = total_windows: per-scale constants gathered by each window's
+        scale, its raster index inside the scale giving its position; queries by repeat_interleave.
+        Built on the CPU in int64 (whatever the default device), then moved as int32."""
+
+        def cpu(values):  # ints -> int64 CPU tensor
+            return torch.tensor(values, dtype=torch.int64, device="cpu")
+
+        W = self.total_windows
+        window = torch.arange(W, device="cpu")  # global window ids
+        scale = torch.repeat_interleave(cpu(range(self.num_scales)), cpu(self.windows_per_scale))
+
+        def per_window(values):  # one value per scale -> (W,), each window's scale's value
+            return cpu(values)[scale]
+
+        local = window - per_window(self.window_offsets[:-1])
+        height, width = per_window([h for h, _ in self.windows]), per_window([w for _, w in self.windows])
+        ncols = per_window([c for _, c in self.window_grids])
+        q_count = per_window(self.queries_per_window)
+        query_window = torch.repeat_interleave(window, q_count)
+        cols = dict(
+            query_scale=scale[query_window],
+            query_window=query_window,
+            window_scale=scale,
+            window_row0=local // ncols * height,
+            window_col0=local % ncols * width,
+            window_height=height,
+            window_width=width,
+            window_q_start=per_window(self.query_offsets[:-1]) + local * q_count,
+            window_q_count=q_count,
         )
+        return LayoutTables(**{k: v.to(device=device, dtype=torch.int32) for k, v in cols.items()})
 
 
 @functools.lru_cache(maxsize=256)

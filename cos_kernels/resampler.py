@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import replace
 from operator import attrgetter
 from pathlib import Path
@@ -22,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from .atomic_io import atomic_file
 from .config import CoSConfig
 from .grouped_linear import grouped_linear
 from .layout import WindowLayout
@@ -62,24 +62,34 @@ class MultiScaleResampler(nn.Module):
     (B, N, vision_dim) with N = GH * GW patches in raster order, (B, N + 1, vision_dim) with a leading
     CLS token when config.drop_cls, or (B, vision_dim, GH, GW).
 
-    backend: the attention backend ("auto", "torch", or a fused one; see cos_kernels.ops).
-    fused: compute what scales share once (LayerNorm affines folded into the products after them,
-        so one normalisation per LayerNorm stage and one K/V product for all scales; the query
-        side's products grouped over scales, see grouped_linear; level-1 queries once per call
-        rather than per image); False runs the plain block structure. Both give the same function
-        of the same parameters.
+    Features must be floating point, on the parameters' device, and in the parameters' dtype unless
+    autocast is on for their device type (torch.autocast casts them where they meet the weights).
+    An empty batch (B = 0) gives an empty (0, total_queries, llm_dim) output.
+
+    backend: the attention backend (a str: "auto", "torch", or a fused one; see cos_kernels.ops).
+    fused: a bool. True computes what scales share once (LayerNorm affines folded into the
+        products after them, so one normalisation per LayerNorm stage and one K/V product for all
+        scales; the query side's products grouped over scales, see grouped_linear; level-1 queries
+        once per call rather than per image); False runs the plain block structure. Both give the
+        same function of the same parameters.
     """
 
     def __init__(self, config: CoSConfig, backend: str = "auto", fused: bool = True):
         super().__init__()
         if not isinstance(config, CoSConfig):
             raise TypeError(f"config must be a CoSConfig, got {type(config).__name__}")
+        if not isinstance(backend, str):
+            raise TypeError(
+                f"backend must be a str, one of {list(BACKENDS)}, got {backend!r} ({type(backend).__name__})"
+            )
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+        if not isinstance(fused, bool):
+            raise TypeError(f"fused must be a bool (True or False), got {fused!r} ({type(fused).__name__})")
         self.config = config
         self.layout = config.layout
         self.backend = backend
-        self.fused = bool(fused)
+        self.fused = fused
         self.queries = nn.ParameterList(
             nn.Parameter(torch.empty(n, config.dim)) for n in config.queries
         )
@@ -131,12 +141,12 @@ class MultiScaleResampler(nn.Module):
         A q without the batch reaches the op as a batch-broadcast (stride-0) view."""
         cfg, layout = self.config, self.layout
         B, S, N, _ = k.shape
-        H, D = cfg.num_heads, cfg.head_dim
-        q = q.view(q.shape[0], -1, H, D).expand(B, -1, -1, -1)
+        H, D, Q = cfg.num_heads, cfg.head_dim, layout.total_queries
+        q = q.view(q.shape[0], Q, H, D).expand(B, -1, -1, -1)
         o = multiscale_window_attention(
             q, k.view(B, S, N, H, D), v.view(B, S, N, H, D), layout, backend=self.backend
         )
-        return o.reshape(B, -1, cfg.dim)
+        return o.reshape(B, Q, cfg.dim)
 
     def _reference_level(self, blocks, x: list[torch.Tensor], f: torch.Tensor) -> list[torch.Tensor]:
         """The plain block structure, scale by scale. x[s]: (B, n_s, dim); f: (B, N, vision_dim)."""
@@ -201,8 +211,10 @@ class MultiScaleResampler(nn.Module):
         accepted = [f"(B, {N}, {C})", f"(B, {C}, {gh}, {gw})"]
         if cfg.drop_cls:
             accepted.insert(1, f"(B, {N + 1}, {C}) with a leading CLS token")
+        param = self.queries[0]
         out = []
         for i, f in enumerate(features):
+            _check_feature_tensor(f, f"features[{i}]", param)
             shape = tuple(f.shape)
             if f.dim() == 4 and shape[1:] == (C, gh, gw):
                 f = f.flatten(2).transpose(1, 2)
@@ -277,8 +289,8 @@ class MultiScaleResampler(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         metadata = {"format": "pt", "layout": json.dumps(list(self.layout.to_spec()))}
-        _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, p, metadata=metadata))
-        _atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(self.config.to_json()))
+        atomic_file(directory / WEIGHTS_NAME, lambda p: save_file(state, p, metadata=metadata))
+        atomic_file(directory / CONFIG_NAME, lambda p: Path(p).write_text(self.config.to_json()))
 
     @classmethod
     def from_pretrained(
@@ -317,6 +329,28 @@ class MultiScaleResampler(nn.Module):
         return model
 
 
+def _check_feature_tensor(f: torch.Tensor, name: str, param: torch.Tensor) -> None:
+    """Refuse a feature tensor that is not floating point, not on ``param``'s device, or (with no
+    autocast on for its device type) not in ``param``'s dtype."""
+    if not f.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {f.dtype}")
+    if f.device != param.device:
+        raise ValueError(
+            f"{name} is on {f.device} but the resampler's parameters are on {param.device}: move "
+            f"one to the other (features.to(device) or resampler.to(device))"
+        )
+    if f.dtype != param.dtype and not _autocast_enabled(f.device.type):
+        raise TypeError(
+            f"{name} has dtype {f.dtype} but the resampler's parameters are {param.dtype}: cast the "
+            f"features (features.to({param.dtype})) or run under torch.autocast"
+        )
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` (False for types without autocast, e.g. meta)."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
 def _fold(weight, gamma, beta, bias=None) -> tuple[torch.Tensor, torch.Tensor]:
     """LN with affine (gamma, beta) then x W^T + bias, per scale, as norm(x) (W diag(gamma))^T +
     (W beta + bias). weight (S, out, in); gamma, beta (S, in); bias (S, out) or None ->
@@ -325,15 +359,3 @@ def _fold(weight, gamma, beta, bias=None) -> tuple[torch.Tensor, torch.Tensor]:
     if bias is not None:
         folded_bias = folded_bias + bias
     return weight * gamma.unsqueeze(1), folded_bias
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path) on a temporary file beside ``path``, then rename it over ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

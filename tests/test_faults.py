@@ -241,8 +241,10 @@ def test_stale_temporaries_are_removed_and_files_follow_the_umask(tmp_path):
     try:
         trainer = Trainer(tiny(tmp_path, steps=1))
         trainer.fit()
+        trainer.model.bridge.save_pretrained(tmp_path / "bridge")
     finally:
         os.umask(old)
+    assert {p.stat().st_mode & 0o777 for p in (tmp_path / "bridge").iterdir()} == {0o644}
     assert not list(run.glob(".*")) and not list((run / "checkpoints").glob(".*"))
     checkpoint = run / "checkpoints" / "step-0000001"
     assert checkpoint.stat().st_mode & 0o777 == 0o755

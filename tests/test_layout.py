@@ -3,7 +3,10 @@
 import pytest
 import torch
 
+import time
+
 from cos_kernels import WindowLayout
+from cos_kernels.layout import MAX_TABLE_SIZE, LayoutTables
 from oracle import random_layout, seeded_rng
 
 
@@ -62,6 +65,54 @@ def test_tables_match_enumeration():
     assert all(v.dtype == torch.int32 for v in vars(t).values())
 
 
+def loop_tables(layout):
+    """The index tables enumerated window by window in plain Python: {name: list of ints}."""
+    cols = {name: [] for name in LayoutTables.__dataclass_fields__}
+    wid = 0
+    for s in range(layout.num_scales):
+        qpw = layout.queries_per_window[s]
+        for w in range(layout.windows_per_scale[s]):
+            rows, columns = layout.window_patches(s, w)
+            cols["window_scale"].append(s)
+            cols["window_row0"].append(rows.start)
+            cols["window_col0"].append(columns.start)
+            cols["window_height"].append(len(rows))
+            cols["window_width"].append(len(columns))
+            cols["window_q_start"].append(layout.query_offsets[s] + w * qpw)
+            cols["window_q_count"].append(qpw)
+            cols["query_scale"] += [s] * qpw
+            cols["query_window"] += [wid] * qpw
+            wid += 1
+    return cols
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        (16, [16, 4], [16, 64]),
+        (32, [32, 8, 2], [16, 256, 1024]),
+        ((6, 10), [(3, 5), (6, 2), 1], [4, 10, 60]),
+        ((4, 6), [(4, 6), 2, (1, 3)], [3, 12, 16]),
+        ((2, 8), [(2, 8)], [1]),
+        None,  # a random layout
+    ],
+)
+def test_vectorised_tables_match_loop(args):
+    layout = random_layout(seeded_rng()) if args is None else WindowLayout(*args)
+    t = layout.tables("cpu")
+    for name, want in loop_tables(layout).items():
+        got = getattr(t, name)
+        assert got.dtype == torch.int32 and got.device.type == "cpu", name
+        assert got.tolist() == want, f"{name} for {layout}"
+
+
+def test_tables_built_on_cpu_under_another_default_device():
+    layout = WindowLayout((4, 6), [(4, 6), 2], [3, 12])
+    with torch.device("meta"):
+        t = layout.tables("cpu")
+    assert t.query_window.tolist() == loop_tables(layout)["query_window"]
+
+
 def test_tables_cached_per_device():
     layout = WindowLayout(8, [4], [8])
     assert layout.tables("cpu") is layout.tables(torch.device("cpu"))
@@ -73,6 +124,47 @@ def test_spec_round_trip_and_equality():
     assert again == layout and hash(again) == hash(layout)
     assert WindowLayout(8, [4], [4]) != WindowLayout(8, [4], [8])
     assert "WindowLayout(grid=" in repr(layout)
+
+
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        ([16.7, 16, 16, 16, 16], r"layout spec\[0\] must be an integer, got 16.7 \(float\)"),
+        ([16, 16, 16.0, 16, 16], r"layout spec\[2\] must be an integer, got 16.0 \(float\)"),
+        ([16, 16, 16, 16, True], r"layout spec\[4\] must be an integer, got True \(bool\)"),
+        ([16, 16, 16, 16, "16"], r"layout spec\[4\] must be an integer, got '16' \(str\)"),
+    ],
+)
+def test_from_spec_refuses_non_integers(spec, match):
+    with pytest.raises(TypeError, match=match):
+        WindowLayout.from_spec(spec)
+
+
+def test_from_spec_accepts_numpy_integers():
+    np = pytest.importorskip("numpy")
+    spec = np.array([16, 16, 16, 16, 16, 4, 4, 64])
+    assert WindowLayout.from_spec(spec) == WindowLayout(16, [16, 4], [16, 64])
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        ((10**5, [1], [10**10]), r"num_patches = 10000000000 \(grid \(100000, 100000\)\) exceeds the bound 16777216"),
+        ((4096, [1, 1], [4096**2] * 2), r"total_windows = 33554432 .* exceeds the bound 16777216 \(2\*\*24\)"),
+        ((16, [16], [2**24 + 1]), r"total_queries = 16777217 .* exceeds the bound 16777216 \(2\*\*24\) of a layout's int32"),
+    ],
+)
+def test_size_bound(args, match):
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=match):
+        WindowLayout(*args)
+    assert time.perf_counter() - start < 1.0
+    assert MAX_TABLE_SIZE == 2**24
+
+
+def test_size_bound_is_inclusive():
+    layout = WindowLayout(4096, [4096], [2**24])  # 2**24 patches and queries: allowed
+    assert layout.num_patches == layout.total_queries == MAX_TABLE_SIZE
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,8 @@
 """multiscale_window_attention with the eager torch backend, and the op's input validation."""
 
+from fractions import Fraction
+
+import numpy as np
 import pytest
 import torch
 
@@ -76,9 +79,36 @@ def test_bad_inputs(mutate, error, match):
 
 def test_bad_scale_and_backend():
     q, k, v, layout = _inputs()
-    with pytest.raises(ValueError, match="softmax_scale must be a positive finite number, got -1"):
+    with pytest.raises(ValueError, match=r"softmax_scale must be a positive finite number <= 1e\+06 .* got -1.0"):
         multiscale_window_attention(q, k, v, layout, softmax_scale=-1.0)
-    with pytest.raises(TypeError, match="softmax_scale must be a float or None, got str"):
+    with pytest.raises(TypeError, match=r"softmax_scale must be a real number \(float\) or None, got '0.1' \(str\)"):
         multiscale_window_attention(q, k, v, layout, softmax_scale="0.1")
     with pytest.raises(ValueError, match=r"backend must be one of \['auto', 'torch'.*got 'flash'"):
         multiscale_window_attention(q, k, v, layout, backend="flash")
+
+
+@pytest.mark.parametrize(
+    "scale, error, match",
+    [
+        (1e300, ValueError, r"softmax_scale must be a positive finite number <= 1e\+06 \(the kernels scale logits in float32\), got 1e\+300"),
+        (1e6 * (1 + 1e-9), ValueError, r"<= 1e\+06 .*got 1000000.001"),
+        (float("inf"), ValueError, "positive finite number.*got inf"),
+        (float("nan"), ValueError, "positive finite number.*got nan"),
+        (np.float32("inf"), ValueError, r"positive finite number.*got (np.float32\()?inf"),
+        (0, ValueError, "positive finite number.*got 0$"),
+        (True, TypeError, r"softmax_scale must be a real number \(float\) or None, got True \(bool\)"),
+        (torch.tensor(0.1), TypeError, r"got tensor\(0.1000\) \(Tensor\)"),
+    ],
+)
+def test_bad_softmax_scale(scale, error, match):
+    q, k, v, layout = _inputs()
+    with pytest.raises(error, match=match):
+        multiscale_window_attention(q, k, v, layout, softmax_scale=scale, backend="torch")
+
+
+@pytest.mark.parametrize("scale", [np.float32(0.125), np.float64(0.125), 0.125, 1e6, Fraction(1, 8)])
+def test_real_softmax_scales_accepted(scale):
+    q, k, v, layout = _inputs()
+    out = multiscale_window_attention(q, k, v, layout, softmax_scale=scale, backend="torch")
+    torch.testing.assert_close(out.double(), reference_attention(q, k, v, layout, softmax_scale=float(scale)),
+                               rtol=1e-5, atol=1e-5)

@@ -2,12 +2,13 @@
 scaling, checkpoints."""
 
 import json
+import re
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from cos_kernels import CoSConfig, MultiScaleResampler
+from cos_kernels import CoSConfig, MultiScaleResampler, available_backends
 from oracle import reference_attention, seeded_rng
 
 
@@ -228,3 +229,130 @@ def test_load_rejects_layout_mismatch(tmp_path):
         MultiScaleResampler.from_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         MultiScaleResampler.from_pretrained(tmp_path / "nothing")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("fused", [True, False])
+def test_empty_batch(fused, backend):
+    if backend not in available_backends("cpu"):
+        pytest.skip(f"the {backend} backend does not run on the CPU here")
+    model = randomize_(MultiScaleResampler(small_config(num_heads=2), backend=backend, fused=fused))  # D = 16
+    levels = [torch.randn(0, 24, 24, requires_grad=True), torch.randn(0, 24, 4, 6, requires_grad=True)]
+    out = model(levels)
+    assert out.shape == (0, 15, 40) and out.dtype == torch.float32
+    out.sum().backward()
+    assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
+    assert levels[0].grad.shape == (0, 24, 24) and levels[1].grad.shape == (0, 24, 4, 6)
+
+
+@pytest.mark.parametrize(
+    "dtype, match",
+    [
+        (torch.int64, r"features\[1\] must be a floating-point tensor, got dtype torch.int64"),
+        (torch.bool, r"features\[1\] must be a floating-point tensor, got dtype torch.bool"),
+        (torch.complex64, r"features\[1\] must be a floating-point tensor, got dtype torch.complex64"),
+        (torch.float64, r"features\[1\] has dtype torch.float64 but the resampler's parameters are "
+                        r"torch.float32: cast the features \(features.to\(torch.float32\)\) or run under torch.autocast"),
+        (torch.bfloat16, r"features\[1\] has dtype torch.bfloat16 but the resampler's parameters are torch.float32"),
+    ],
+)
+def test_feature_dtypes_refused(dtype, match):
+    model = MultiScaleResampler(small_config(), backend="torch")
+    levels = [torch.randn(2, 24, 24), torch.randn(2, 24, 24).to(dtype)]
+    with pytest.raises(TypeError, match=match):
+        model(levels)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_feature_dtype_under_autocast(fused):
+    seeded_rng()
+    model = MultiScaleResampler(small_config(), backend="torch", fused=fused)
+    levels = [torch.randn(2, 24, 24) for _ in range(2)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model([f.bfloat16() for f in levels])
+    assert out.shape == (2, 15, 40) and out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), model(levels), rtol=0.1, atol=0.1)
+
+
+def test_features_on_another_device():
+    with torch.device("meta"):
+        model = MultiScaleResampler(small_config(), backend="torch")
+    with pytest.raises(ValueError, match=r"features\[0\] is on cpu but the resampler's parameters are on meta"):
+        model([torch.randn(2, 24, 24)] * 2)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(fused="no"), TypeError, r"fused must be a bool \(True or False\), got 'no' \(str\)"),
+        (dict(fused=1), TypeError, r"fused must be a bool \(True or False\), got 1 \(int\)"),
+        (dict(backend=None), TypeError, r"backend must be a str, one of \['auto', 'torch'.*got None \(NoneType\)"),
+        (dict(backend=["torch"]), TypeError, r"backend must be a str.*got \['torch'\] \(list\)"),
+    ],
+)
+def test_fused_and_backend_types(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        MultiScaleResampler(small_config(), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "overrides, error, match",
+    [
+        (dict(mlp_ratio="4"), TypeError, r"CoSConfig.mlp_ratio must be a finite number > 0, got '4' \(str\)"),
+        (dict(mlp_ratio=True), TypeError, r"CoSConfig.mlp_ratio must be a finite number > 0, got True \(bool\)"),
+        (dict(mlp_ratio=0), ValueError, r"CoSConfig.mlp_ratio must be a finite number > 0, got 0$"),
+        (dict(mlp_ratio=0.001), ValueError, r"CoSConfig.mlp_ratio = 0.001 gives hidden_dim = int\(dim \* mlp_ratio\) = 0"),
+        (dict(norm_eps=-1), ValueError, r"CoSConfig.norm_eps must be a finite number > 0, got -1$"),
+        (dict(norm_eps=float("nan")), ValueError, r"CoSConfig.norm_eps must be a finite number > 0, got nan"),
+        (dict(norm_eps="1e-6"), TypeError, r"CoSConfig.norm_eps must be a finite number > 0, got '1e-6' \(str\)"),
+        (dict(init_std=-0.02), ValueError, r"CoSConfig.init_std must be a finite number > 0, got -0.02"),
+        (dict(init_std=float("inf")), ValueError, r"CoSConfig.init_std must be a finite number > 0, got inf"),
+        (dict(drop_cls="no"), TypeError, r"CoSConfig.drop_cls must be a bool \(True or False\), got 'no' \(str\)"),
+        (dict(drop_cls=1), TypeError, r"CoSConfig.drop_cls must be a bool \(True or False\), got 1 \(int\)"),
+        (dict(windows=16), TypeError, r"CoSConfig.windows must be a list or tuple with one entry per scale, got 16 \(int\)"),
+        (dict(windows="4"), TypeError, r"CoSConfig.windows must be a list or tuple .* got '4' \(str\)"),
+        (dict(queries=15), TypeError, r"CoSConfig.queries must be a list or tuple with one entry per scale, got 15 \(int\)"),
+        (dict(windows=[(4, 6), 2.0]), TypeError, r"CoSConfig.windows\[1\] must be a positive integer, got 2.0 \(float\)"),
+        (dict(windows=[(4, 6.0), 2]), TypeError, r"CoSConfig.windows\[0\]\[1\] must be a positive integer, got 6.0"),
+        (dict(queries=[3, "12"]), TypeError, r"CoSConfig.queries\[1\] must be a positive integer, got '12' \(str\)"),
+        (dict(queries=[3, 0]), ValueError, r"CoSConfig.queries\[1\] must be a positive integer, got 0"),
+        (dict(grid=4.0), TypeError, r"CoSConfig.grid must be a positive integer, got 4.0 \(float\)"),
+        (dict(grid=(4, -6)), ValueError, r"CoSConfig.grid\[1\] must be a positive integer, got -6"),
+        (dict(patch_size=14.0), TypeError, r"CoSConfig.patch_size must be a positive integer, got 14.0 \(float\)"),
+        (dict(vision_dim="24"), TypeError, r"CoSConfig.vision_dim must be a positive integer, got '24' \(str\)"),
+        (dict(dim=True), TypeError, r"CoSConfig.dim must be a positive integer, got True \(bool\)"),
+        (dict(num_heads=0), ValueError, r"CoSConfig.num_heads must be a positive integer, got 0"),
+        (dict(llm_dim=-40), ValueError, r"CoSConfig.llm_dim must be a positive integer, got -40"),
+        (dict(num_levels=2.5), TypeError, r"CoSConfig.num_levels must be a positive integer, got 2.5 \(float\)"),
+    ],
+)
+def test_config_field_errors(overrides, error, match):
+    with pytest.raises(error, match=match):
+        small_config(**overrides)
+
+
+def test_config_accepts_numpy_scalars():
+    np = pytest.importorskip("numpy")
+    cfg = small_config(grid=(np.int64(4), np.int32(6)), windows=[(4, 6), np.int64(2)], queries=(3, np.int64(12)),
+                       dim=np.int64(32), mlp_ratio=np.float32(2.0), norm_eps=np.float64(1e-5), init_std=1)
+    assert cfg == small_config(norm_eps=1e-5, init_std=1.0)
+    assert [type(x) for x in (cfg.dim, cfg.windows[1], cfg.queries[1], cfg.mlp_ratio, cfg.init_std)] == [
+        int, int, int, float, float]
+    assert CoSConfig.from_json(cfg.to_json()) == cfg
+
+
+def test_from_json_text_or_path(tmp_path):
+    cfg = small_config()
+    assert CoSConfig.from_json("  \n" + cfg.to_json()) == cfg
+    with pytest.raises(ValueError, match="CoSConfig JSON must be a JSON object .* got list"):
+        CoSConfig.from_json("[1,2]")
+    with pytest.raises(ValueError, match="malformed"):
+        CoSConfig.from_json(" [1, 2")
+    (tmp_path / "c.json").write_text(cfg.to_json())
+    assert CoSConfig.from_json(tmp_path / "c.json") == cfg
+    assert CoSConfig.from_json(str(tmp_path / "c.json")) == cfg
+    missing = str(tmp_path / "missing.json")
+    with pytest.raises(FileNotFoundError, match=re.escape(f"'{missing}' is neither JSON text") + ".* nor an existing file"):
+        CoSConfig.from_json(missing)
+    with pytest.raises(TypeError, match="JSON text or a file path .* got dict"):
+        CoSConfig.from_json(cfg.to_dict())

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import numbers
 
 import torch
 
@@ -25,6 +26,10 @@ __all__ = ["multiscale_window_attention", "available_backends", "resolve_backend
 _FUSED_MODULES: dict[str, str] = {"cuda": ".cuda_backend", "triton": ".triton_backend"}
 BACKENDS = ("auto", "torch", *_FUSED_MODULES)
 _IMPORT_ERRORS: dict[str, str] = {}
+
+# Largest softmax_scale accepted: the kernels scale the logits in float32, where a larger scale
+# turns moderate logits into inf and the softmax into NaN.
+MAX_SOFTMAX_SCALE = 1e6
 
 
 def _load_fused(name: str):
@@ -94,10 +99,17 @@ def _check_inputs(q, k, v, layout, softmax_scale) -> None:
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device} and {v.device}")
     if softmax_scale is not None:
-        if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
-            raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
-        if not (math.isfinite(softmax_scale) and softmax_scale > 0):
-            raise ValueError(f"softmax_scale must be a positive finite number, got {softmax_scale}")
+        if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real):
+            raise TypeError(
+                f"softmax_scale must be a real number (float) or None, got {softmax_scale!r} "
+                f"({type(softmax_scale).__name__})"
+            )
+        scale = float(softmax_scale)
+        if not (math.isfinite(scale) and 0 < scale <= MAX_SOFTMAX_SCALE):
+            raise ValueError(
+                f"softmax_scale must be a positive finite number <= {MAX_SOFTMAX_SCALE:g} (the kernels "
+                f"scale logits in float32), got {softmax_scale!r}"
+            )
 
 
 def _autocast_inputs(q, k, v):
@@ -129,7 +141,8 @@ def multiscale_window_attention(
        each window's queries contiguous.
     k, v: (B, S, N, H, D), S = layout.num_scales, N = GH * GW patches in raster order; any strides.
     Returns (B, Q, H, D) in q's dtype: each query attends, with softmax, over the K/V of its own
-    scale restricted to the patches of its own window. softmax_scale defaults to D ** -0.5.
+    scale restricted to the patches of its own window. softmax_scale: a real number (Python or numpy
+    scalar) in (0, 1e6] (the kernels scale logits in float32), or None for D ** -0.5.
     Under autocast, q, k, v of mixed dtypes are first cast to the autocast dtype.
     """
     q, k, v = _autocast_inputs(q, k, v)
