@@ -189,15 +189,17 @@ def verify_checkpoint(path: Path) -> None:
         raise ValueError(f"{path / WEIGHTS} is corrupt: {err}") from None
 
 
-def resolve_checkpoint(path: str | Path, fallback: bool = False, warn=print) -> Path:
-    """A checkpoint directory, given it, a run directory or a checkpoints/ directory (-> its latest).
+def resolve_checkpoint(path: str | Path, fallback: bool = False, warn=print, what: str = "checkpoint") -> Path:
+    """A checkpoint directory, given it, a run directory or a checkpoints/ directory (-> its latest);
+    ``what`` names the option it came from in the errors.
 
     fallback: where the latest is missing or broken, take the newest intact checkpoint beside it,
     with a warning naming each broken one (``--resume auto``). Without it a broken checkpoint is a
     ValueError naming the broken file."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist (a checkpoint, a run directory or its "
+                                f"checkpoints/ directory)")
     root = next((r for r in (path / "checkpoints", path) if (r / "latest").is_file() or list_checkpoints(r)), None)
     if root is None:
         verify_checkpoint(path)

@@ -11,18 +11,26 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from ..mllm import CaptionCollator, LlavaPretrainDataset, SyntheticCaptions
 from .config import TrainConfig
 
-__all__ = ["build_train_dataset", "build_eval_dataset", "EpochSampler", "MicroBatchStream"]
+__all__ = ["check_data", "build_train_dataset", "build_eval_dataset", "EpochSampler", "MicroBatchStream"]
 
 EVAL_SEED_OFFSET = 1_000_003  # held-out synthetic scenes come from another seed
 
 
+def check_data(config: TrainConfig) -> None:
+    """FileNotFoundError naming the option unless data is 'synthetic' or an existing JSON file and
+    image_folder, where given, exists."""
+    if config.data != "synthetic" and not Path(config.data).is_file():
+        raise FileNotFoundError(f"data must be 'synthetic' or an existing LLaVA JSON file, got {config.data!r}")
+    if config.image_folder is not None and not Path(config.image_folder).is_dir():
+        raise FileNotFoundError(f"image_folder {config.image_folder!r} does not exist")
+
+
 def build_train_dataset(config: TrainConfig, image_size: int) -> Dataset:
     """The synthetic set, or a LLaVA pre-training JSON file with its image folder."""
+    check_data(config)
     if config.data == "synthetic":
         return SyntheticCaptions(config.train_samples, image_size, seed=config.seed)
     json_path = Path(config.data)
-    if not json_path.is_file():
-        raise ValueError(f"data must be 'synthetic' or an existing LLaVA JSON file, got {config.data!r}")
     return LlavaPretrainDataset(json_path, config.image_folder or json_path.parent, image_size)
 
 

@@ -29,7 +29,7 @@ from .checkpoint import (check_frozen_checksums, frozen_checksums, list_checkpoi
                          prune_checkpoints, read_configs, relative_paths, resolve_checkpoint, save_checkpoint,
                          step_of)
 from .config import TrainConfig
-from .data import MicroBatchStream, build_eval_dataset, build_train_dataset
+from .data import MicroBatchStream, build_eval_dataset, build_train_dataset, check_data
 from .distributed import DistEnv, all_reduce_sum, setup_distributed, wrap_model
 from .evaluate import evaluate
 from .metrics import JsonlLog, StepMeter, peak_flops, peak_memory_gb, profile_components
@@ -77,7 +77,7 @@ class Trainer:
             if config.init_from is None:
                 raise ValueError(f"resume='auto' found no checkpoint in {self.run_dir} and init_from is not given: "
                                  f"a finetune run starts from a pretrain checkpoint (init_from)")
-            self.init_source = resolve_checkpoint(config.init_from)
+            self.init_source = resolve_checkpoint(config.init_from, what="init_from")
         self.model_name = config.model_preset
         self.model, self.checksums = self._build_model(resume)
         self.model_config: MLLMConfig = self.model.config
@@ -140,14 +140,7 @@ class Trainer:
             for root in (self.run_dir, self.run_dir / "checkpoints"):
                 for stale in remove_stale(root):
                     self.log(f"removed {stale}: an unfinished write of an interrupted run")
-        if cfg.data != "synthetic" and not Path(cfg.data).is_file():
-            raise FileNotFoundError(f"data must be 'synthetic' or an existing LLaVA JSON file, got {cfg.data!r}")
-        for name in ("image_folder", "vision_path", "llm_path", "tokenizer_path", "init_from"):
-            value = getattr(cfg, name)
-            if value is not None and not Path(value).exists():
-                raise FileNotFoundError(f"{name} {value!r} does not exist (everything is read from local paths)")
-        if cfg.resume not in (None, "auto") and not Path(cfg.resume).exists():
-            raise FileNotFoundError(f"resume {cfg.resume!r} does not exist (a checkpoint, a run directory or 'auto')")
+        check_data(cfg)
 
     def _resume_checkpoint(self) -> Path | None:
         """The checkpoint to resume: config.resume, or with "auto" the run directory's newest intact
@@ -159,7 +152,7 @@ class Trainer:
         if cfg.resume == "auto":
             path = resolve_checkpoint(self.run_dir, fallback=True, warn=self.log)
         else:
-            path = resolve_checkpoint(cfg.resume)
+            path = resolve_checkpoint(cfg.resume, what="resume")
         saved = read_configs(path)["train"]
         if saved["stage"] != cfg.stage:
             raise ValueError(f"resume={cfg.resume!r} is a {saved['stage']!r} checkpoint; this run's stage is {cfg.stage!r}")
@@ -194,7 +187,7 @@ class Trainer:
         cfg = self.config
         if resume is not None:
             saved = read_configs(resume)
-            self.model_name = saved.get("model_preset", saved["train"].get("model") or "tiny")
+            self.model_name = _preset_name(saved)
             model = _set_trainable(CoSMLLM(MLLMConfig.from_dict(saved["model"]), backend=cfg.backend), cfg.stage)
             check_frozen_checksums(saved["frozen_checksums"], model, resume)
             load_weights(resume, model)
@@ -207,7 +200,7 @@ class Trainer:
         saved = read_configs(source)
         if saved["train"]["stage"] != "pretrain":
             raise ValueError(f"init_from={cfg.init_from!r} is a {saved['train']['stage']!r} checkpoint, not pretrain")
-        self.model_name = saved.get("model_preset", saved["train"].get("model") or "tiny")
+        self.model_name = _preset_name(saved)
         model = _set_trainable(CoSMLLM(MLLMConfig.from_dict(saved["model"]), backend=cfg.backend), "pretrain")
         check_frozen_checksums(saved["frozen_checksums"], model, source)
         load_weights(source, model)
@@ -224,6 +217,7 @@ class Trainer:
         overrides = {k: getattr(cfg, k) for k in ("bridge", "image_size", "vision_path", "llm_path",
                                                   "tokenizer_path", "feature_layers") if getattr(cfg, k) is not None}
         model_config = MLLMConfig.from_preset(cfg.model_preset, seed=cfg.seed, **overrides)
+        model_config.check_paths()  # before the warm-up
         steps = cfg.llm_warmup_steps
         if steps is None:
             steps = TINY_LLM_WARMUP_STEPS if cfg.model_preset == "tiny" and model_config.llm_path is None else 0
@@ -398,6 +392,11 @@ class Trainer:
                 f"{m.num_visual_tokens} visual tokens), {n_train / 1e6:.2f}M of {n_all / 1e6:.2f}M parameters "
                 f"trained; {cfg.steps} steps x {cfg.global_batch} samples ({env.world_size} x {self.micro_batch} x "
                 f"{self.accum} accumulation) on {env.device} ({self.precision}, {env.mode}); run dir {self.run_dir}")
+
+
+def _preset_name(saved: dict) -> str:
+    """The model preset a checkpoint's run started from (older checkpoints: the train config's)."""
+    return saved.get("model_preset", saved["train"].get("model") or "tiny")
 
 
 def _set_trainable(model: CoSMLLM, stage: str) -> CoSMLLM:
