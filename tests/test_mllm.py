@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cos_kernels.mllm.vision import normalise
 from cos_kernels.mllm import (IGNORE_INDEX, CaptionCollator, CoSMLLM, MLLMConfig, PatchProjector,
                               SyntheticCaptions, VisionTower)
 from cos_kernels.resampler import MultiScaleResampler
@@ -56,7 +57,7 @@ def test_vision_tower_drops_cls_and_interpolates_positions(vision_type):
     features = tower(pixels)
     assert [tuple(f.shape) for f in features] == [(2, 256, 64)] * 2
     # independent of the wrapper: the ViT's own hidden states, normalised input, CLS (if any) removed
-    hidden = tower.vit(pixel_values=(pixels - tower.mean) / tower.std, output_hidden_states=True).hidden_states
+    hidden = tower.vit(pixel_values=normalise(pixels, tower.kind), output_hidden_states=True).hidden_states
     for f, layer in zip(features, [4, 5]):
         torch.testing.assert_close(f, hidden[layer][:, -256:])
     assert len(hidden) == 1 + 5  # embeddings and layers 1..5: the tower was cut after its last feature layer
@@ -198,7 +199,7 @@ def test_vision_tower_and_llm_load_from_local_paths(tmp_path, tiny):
     assert loaded.vision.width == 32 and loaded.llm_width == tiny.llm_width
     assert loaded.vision.feature_layers == [2]  # round(2 * 3 / 3) and 3 - 1 coincide
     pixels = torch.rand(1, 3, 64, 64)
-    expected = vit(pixel_values=(pixels - loaded.vision.mean) / loaded.vision.std, output_hidden_states=True)
+    expected = vit(pixel_values=normalise(pixels, loaded.vision.kind), output_hidden_states=True)
     torch.testing.assert_close(loaded.vision(pixels)[0], expected.hidden_states[2][:, 1:])
     assert all(torch.equal(a, b) for a, b in zip(loaded.llm.parameters(), tiny.llm.parameters()))
     with pytest.raises(ValueError, match="expected CLIP or SigLIP"):

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["FIELDS", "Scene", "SyntheticCaptions", "make_scene", "render_scene"]
+__all__ = ["FIELDS", "Scene", "SyntheticCaptions", "label_maps", "make_scene", "render_scene"]
 
 BACKGROUNDS = {"black": (0.05, 0.05, 0.05), "gray": (0.5, 0.5, 0.5), "white": (0.95, 0.95, 0.95)}
 COLOURS = {"red": (0.9, 0.1, 0.1), "green": (0.1, 0.75, 0.2), "blue": (0.15, 0.25, 0.95),
@@ -87,12 +87,10 @@ def make_scene(seed: int, index: int) -> Scene:
     return Scene(background, tuple(shapes))
 
 
-def render_scene(scene: Scene, size: int) -> torch.Tensor:
-    """The scene as an image (3, size, size) with values in [0, 1]; pixel centres are sampled."""
+def _shape_masks(scene: Scene, size: int):
+    """(shape, boolean mask (size, size)) for each shape in drawing order; pixel centres are sampled."""
     centres = (np.arange(size) + 0.5) / size
     y, x = np.meshgrid(centres, centres, indexing="ij")
-    image = np.empty((size, size, 3), dtype=np.float32)
-    image[:] = BACKGROUNDS[scene.background]
     for s in scene.shapes:
         dx, dy = x - s.x, y - s.y
         if s.kind == "circle":
@@ -101,8 +99,27 @@ def render_scene(scene: Scene, size: int) -> torch.Tensor:
             mask = (np.abs(dx) <= s.r) & (np.abs(dy) <= s.r)
         else:  # triangle pointing up: apex at y - r, base of half-width r at y + r
             mask = (np.abs(dy) <= s.r) & (np.abs(dx) <= (dy + s.r) / 2)
+        yield s, mask
+
+
+def render_scene(scene: Scene, size: int) -> torch.Tensor:
+    """The scene as an image (3, size, size) with values in [0, 1]; pixel centres are sampled."""
+    image = np.empty((size, size, 3), dtype=np.float32)
+    image[:] = BACKGROUNDS[scene.background]
+    for s, mask in _shape_masks(scene, size):
         image[mask] = COLOURS[s.colour]
     return torch.from_numpy(image).permute(2, 0, 1).contiguous()
+
+
+def label_maps(scene: Scene, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """What each pixel of render_scene(scene, size) shows: (kind, colour), each (size, size) int64;
+    0 is background, kind k + 1 is SHAPES[k], colour c + 1 is list(COLOURS)[c]."""
+    kind = np.zeros((size, size), dtype=np.int64)
+    colour = np.zeros((size, size), dtype=np.int64)
+    for s, mask in _shape_masks(scene, size):
+        kind[mask] = SHAPES.index(s.kind) + 1
+        colour[mask] = list(COLOURS).index(s.colour) + 1
+    return torch.from_numpy(kind), torch.from_numpy(colour)
 
 
 class SyntheticCaptions(Dataset):

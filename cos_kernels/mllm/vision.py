@@ -7,7 +7,7 @@ from torch import nn
 
 from .config import MLLMConfig
 
-__all__ = ["VisionTower"]
+__all__ = ["VisionTower", "build_vit", "normalise"]
 
 # Per-channel normalisation the ViTs were trained with (images arrive in [0, 1]).
 _NORMALISATION = {
@@ -16,8 +16,9 @@ _NORMALISATION = {
 }
 
 
-def _build_vit(config: MLLMConfig) -> tuple[nn.Module, str]:
-    """The transformers vision model: random init from the config, or loaded from vision_path."""
+def build_vit(config: MLLMConfig) -> tuple[nn.Module, str]:
+    """The transformers vision model, whole (no layer removed), and its kind ("clip" | "siglip"):
+    random init from the config, or loaded from vision_path."""
     from transformers import (AutoConfig, CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig,
                               SiglipVisionModel)
 
@@ -38,6 +39,13 @@ def _build_vit(config: MLLMConfig) -> tuple[nn.Module, str]:
     return SiglipVisionModel(SiglipVisionConfig(**common, vision_use_head=False)), "siglip"
 
 
+def normalise(pixel_values: torch.Tensor, kind: str) -> torch.Tensor:
+    """Images (B, 3, H, W) in [0, 1] -> the per-channel normalised input the ``kind`` ViT was trained on."""
+    mean, std = (torch.tensor(v, device=pixel_values.device, dtype=pixel_values.dtype).view(1, 3, 1, 1)
+                 for v in _NORMALISATION[kind])
+    return (pixel_values - mean) / std
+
+
 class VisionTower(nn.Module):
     """Frozen ViT (both training stages keep it frozen): images -> patch features of some layers.
 
@@ -49,16 +57,13 @@ class VisionTower(nn.Module):
 
     def __init__(self, config: MLLMConfig):
         super().__init__()
-        self.vit, kind = _build_vit(config)
+        self.vit, self.kind = build_vit(config)
         vit_config = self.vit.config
         self.width = vit_config.hidden_size
         self.patch_size = vit_config.patch_size
         self.native_image_size = vit_config.image_size
         self.feature_layers = config.layers_for(vit_config.num_hidden_layers)
         self._truncate(max(self.feature_layers))
-        mean, std = _NORMALISATION[kind]
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self.requires_grad_(False)
         self.eval()
 
@@ -79,7 +84,7 @@ class VisionTower(nn.Module):
             raise ValueError(
                 f"pixel_values is {H}x{W} px; both sides must be multiples of the patch size {self.patch_size}"
             )
-        x = (pixel_values - self.mean) / self.std
+        x = normalise(pixel_values, self.kind)
         out = self.vit(
             pixel_values=x,
             output_hidden_states=True,

@@ -14,16 +14,19 @@ import sys
 
 from .config import STAGES, TrainConfig
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "add_option", "run_reporting_errors"]
 
 _TYPES = {"int": int, "float": float, "str": str}
 
 
-def _add_option(parser: argparse.ArgumentParser, f: dataclasses.Field) -> None:
+def add_option(parser: argparse.ArgumentParser, f: dataclasses.Field) -> None:
+    """The command-line option of a config field declared with _opt (metadata: help, choices, nargs, type)."""
     meta, flag = f.metadata, "--" + f.name.replace("_", "-")
-    help_text = f"{meta['help']} (default: {f.default})".replace("%", "%%")  # argparse %-formats help
+    default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+    shown = " ".join(map(str, default)) if isinstance(default, list) else default
+    help_text = f"{meta['help']} (default: {shown})".replace("%", "%%")  # argparse %-formats help
     if f.type == "bool":
-        parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+        parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         return
     if "nargs" in meta:  # list options name their element type
         kind, extra = meta["type"], {"nargs": meta["nargs"]}
@@ -31,7 +34,7 @@ def _add_option(parser: argparse.ArgumentParser, f: dataclasses.Field) -> None:
         kind, extra = _TYPES[f.type.split(" |")[0]], {}
     if "choices" in meta:
         extra["choices"] = meta["choices"]
-    parser.add_argument(flag, type=kind, default=f.default, help=help_text, **extra)
+    parser.add_argument(flag, type=kind, default=default, help=help_text, **extra)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub = stages.add_parser(stage, help=helps[stage].replace("%", "%%"), description=helps[stage])
         for f in dataclasses.fields(TrainConfig):
             if f.name != "stage":
-                _add_option(sub, f)
+                add_option(sub, f)
         sub.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     return parser
 
@@ -55,17 +58,24 @@ def main(argv: list[str] | None = None) -> int:
     (SIGINT 130, SIGTERM 143) after writing a checkpoint."""
     args = vars(build_parser().parse_args(argv))
     debug = args.pop("debug")
+    return run_reporting_errors("cos-train", debug, lambda: _run(args))
+
+
+def run_reporting_errors(prog: str, debug: bool, run, interrupted: str = "interrupted") -> int:
+    """``run()``'s exit code; a ValueError, TypeError or OSError is reported as one line
+    "PROG: error: ..." (exit 2), a KeyboardInterrupt as "PROG: INTERRUPTED" (exit 130); with
+    ``debug`` both propagate (the full traceback)."""
     try:
-        return _run(args)
+        return run()
     except (ValueError, TypeError, OSError) as err:
         if debug:
             raise
-        print(f"cos-train: error: {err}", file=sys.stderr)
+        print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         if debug:
             raise
-        print("cos-train: interrupted", file=sys.stderr)
+        print(f"{prog}: {interrupted}", file=sys.stderr)
         return 130
 
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..config_io import DictConfig
+from ..config_io import option as _opt
 from ..mllm.config import BRIDGES, MODEL_PRESETS
 
 __all__ = ["TrainConfig", "STAGES"]
@@ -19,11 +19,6 @@ __all__ = ["TrainConfig", "STAGES"]
 STAGES = ("pretrain", "finetune")
 DISTRIBUTED = ("auto", "none", "ddp", "fsdp")
 PRECISIONS = ("auto", "fp32", "bf16")
-
-
-def _opt(default, help: str, **kw):
-    """A field with its CLI help; ``choices``, ``nargs`` and ``type`` (of list items) go to argparse."""
-    return field(default=default, metadata={"help": help, **kw})
 
 
 @dataclass
@@ -86,8 +81,7 @@ class TrainConfig(DictConfig):
     peak_tflops: float | None = _opt(None, "the device's peak TFLOP/s for the MFU estimate (default: known GPUs)")
 
     def __post_init__(self):
-        for f in dataclasses.fields(self):
-            _check_type(f, getattr(self, f.name))
+        self.check_types()
         self.check_positive_ints(
             "steps", "global_batch", "log_every", "max_caption_tokens", "train_samples", "keep_checkpoints"
         )
@@ -178,36 +172,3 @@ TRAJECTORY_OPTIONS = ("global_batch", "seed", "data", "image_folder", "train_sam
 
 def _other(stage: str) -> str:
     return "finetune" if stage == "pretrain" else "pretrain"
-
-
-def _check_type(f: dataclasses.Field, value) -> None:
-    """TypeError unless ``value`` has the field's annotated type (int, float, str, bool, list of the
-    metadata's item type; "| None" allows None); choices checked here too (ValueError)."""
-    kinds = f.type.split(" | ")
-    if value is None:
-        if "None" in kinds:
-            return
-    else:
-        kind = kinds[0]
-        item = f.metadata.get("type")
-        if kind == "bool":
-            ok = isinstance(value, bool)
-        elif kind == "int":
-            ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
-        elif kind == "float":
-            ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
-        elif kind == "str":
-            ok = isinstance(value, str)
-        else:  # list
-            ok = isinstance(value, (list, tuple)) and len(value) > 0 and all(
-                isinstance(v, item) and not isinstance(v, bool) for v in value)
-        if ok:
-            choices = f.metadata.get("choices")
-            if choices and value not in choices:
-                raise ValueError(f"TrainConfig.{f.name} must be one of {list(choices)}, got {value!r}")
-            return
-    expected = {"bool": "True or False", "int": "an integer", "float": "a number", "str": "a string",
-                "list": f"a non-empty list of {getattr(f.metadata.get('type'), '__name__', '')}s"}[kinds[0]]
-    raise TypeError(f"TrainConfig.{f.name} must be {expected}{' or None' if 'None' in kinds else ''}, "
-                    f"got {value!r} ({type(value).__name__})")
-
