@@ -54,6 +54,18 @@ def test_end_to_end_writes_the_table_json_and_plot(compared, capsys):
     assert set(report["components"]["probe"]) == {"64", "128"}
 
 
+def test_the_papers_1296_tokens_and_a_projector_baseline(tmp_path):
+    args = [*MINIMAL, "--seeds", "3", "--pretrain-steps", "1", "--finetune-steps", "1", "--eval-samples", "1",
+            "--scaling", "1296", "--baselines", "linear", "--out-dir", str(tmp_path / "out"),
+            "--cache-dir", str(tmp_path / "cache")]
+    assert main(args) == 0
+    runs = {r["recipe"]: r for r in json.loads((tmp_path / "out" / "compare.json").read_text())["runs"]}
+    tokens = {name: (r["pretrain"]["tokens_per_sample"]["visual"], r["finetune"]["tokens_per_sample"]["visual"])
+              for name, r in runs.items()}
+    assert tokens == {COS: (80, 1296), "linear": (16 * 16, 32 * 32)}  # one token per patch at 64 and 128 px
+    assert "Stage-1 time ratio Chain-of-Sight / linear" in (tmp_path / "out" / "compare.md").read_text()
+
+
 def test_time_ratio_is_the_measured_stage_times(compared):
     _, out, report = compared
     times = {}
@@ -86,6 +98,10 @@ def test_aggregate_ratio_spread_and_verdicts():
     worse = aggregate([_run(COS, 0, loss=0.9), _run("resampler-336", 0, loss=0.5), _run(COS, 1, loss=0.9),
                        _run("resampler-336", 1, loss=0.52)])
     assert worse["baselines"]["resampler-336"]["verdicts"]["caption_loss"].startswith("worse")
+    assert "chance" not in base["verdicts"]["colour"]  # 50% against chance 20%
+    at_chance = aggregate([_run(COS, 0, colour=0.21), _run("resampler-336", 0, colour=0.19)])
+    assert at_chance["baselines"]["resampler-336"]["verdicts"]["colour"].endswith(
+        "both at chance (20%): neither recipe learnt this field here")
 
 
 def test_seeds_change_the_runs_and_a_rerun_reuses_them(compared, capsys):

@@ -176,6 +176,14 @@ def test_compound_scale_up_inflates_the_pretrained_resampler():
         model.scale_up(128, "linear")
 
 
+def test_resolution_scale_up_of_a_projector_keeps_one_token_per_patch():
+    model = CoSMLLM(MLLMConfig.from_preset("tiny", bridge="linear"), backend="torch")
+    weight = model.bridge.proj.weight.clone()
+    model.scale_up(128, "linear")
+    assert model.num_visual_tokens == 32 * 32 and torch.equal(model.bridge.proj.weight, weight)
+    assert model.encode_images(torch.rand(1, 3, 128, 128)).shape == (1, 1024, model.llm_width)
+
+
 def test_seeded_components_are_rebuilt_identically():
     a, b = (CoSMLLM(MLLMConfig.from_preset("tiny", seed=3), backend="torch") for _ in range(2))
     c = CoSMLLM(MLLMConfig.from_preset("tiny", seed=3, bridge="cos-1296", image_size=128), backend="torch")

@@ -71,7 +71,8 @@ def aggregate(results: list[dict]) -> dict:
             continue
         paired = [(cos_by_seed[r["seed"]], _metrics(r)) for r in runs if r["seed"] in cos_by_seed]
         ratio = table[COS]["stage1_time_s"]["mean"] / table[name]["stage1_time_s"]["mean"]
-        verdicts = {key: _verdict(table[COS][key], table[name][key], [c[key] - b[key] for c, b in paired], higher)
+        verdicts = {key: _verdict(table[COS][key], table[name][key], [c[key] - b[key] for c, b in paired], higher,
+                                  CHANCE.get(key))
                     for key, _, higher in QUALITY if key in table[COS] and key in table[name]}
         out["baselines"][name] = {
             "stage1_time_ratio": ratio,
@@ -82,15 +83,19 @@ def aggregate(results: list[dict]) -> dict:
     return out
 
 
-def _verdict(cos: dict, base: dict, paired: list[float], higher_is_better: bool) -> str:
+def _verdict(cos: dict, base: dict, paired: list[float], higher_is_better: bool, chance: float | None = None) -> str:
     """'better' / 'within the baseline's seed spread' / 'worse', judged on the means against the
-    baseline's seed std (one seed: no spread, any difference decides)."""
+    baseline's seed std (one seed: no spread, any difference decides); flagged where both recipes
+    are within 5 points of chance (a field neither learnt, so the comparison says nothing of it)."""
     diff = cos["mean"] - base["mean"]
     gain = diff if higher_is_better else -diff
     spread = base["std"]
     word = "within the baseline's seed spread" if abs(diff) <= spread else ("better" if gain > 0 else "worse")
     mean_paired = statistics.fmean(paired) if paired else diff
-    return f"{word} (difference {diff:+.4f}, baseline std {spread:.4f}, mean paired difference {mean_paired:+.4f})"
+    text = f"{word} (difference {diff:+.4f}, baseline std {spread:.4f}, mean paired difference {mean_paired:+.4f})"
+    if chance is not None and max(cos["mean"], base["mean"]) <= chance + 0.05:
+        text += f"; both at chance ({chance:.0%}): neither recipe learnt this field here"
+    return text
 
 
 def _cell(stats: dict, fmt: str, spread: bool = True) -> str:

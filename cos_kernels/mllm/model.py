@@ -181,6 +181,7 @@ class CoSMLLM(nn.Module):
         if isinstance(self.bridge, PatchProjector):
             if bridge != self.config.bridge:
                 raise ValueError(f"a {self.config.bridge!r} bridge cannot be scaled up to {bridge!r}")
+            self.bridge.num_tokens = new_config.grid ** 2  # one token per patch of the new grid
         elif new_config.is_projector:
             raise ValueError(f"a resampler bridge ({self.config.bridge!r}) cannot become {bridge!r}")
         else:
