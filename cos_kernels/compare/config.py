@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,13 +67,9 @@ class CompareConfig(DictConfig):
             raise ValueError(f"CompareConfig: baselines {self.baselines} and seeds {self.seeds} must not repeat")
         if any(s < 0 or s >= 2**63 for s in self.seeds):
             raise ValueError(f"CompareConfig.seeds must be in [0, 2**63), got {self.seeds}")
-        if not math.isfinite(self.pretrain_lr + self.finetune_lr):
-            raise ValueError("CompareConfig learning rates must be finite")
 
     @property
     def cache(self) -> Path:
-        import os
-
         if self.cache_dir is not None:
             return Path(self.cache_dir)
         return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cos_kernels"

@@ -10,6 +10,8 @@ any bridge is trained on them.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 
@@ -73,8 +75,6 @@ def _fit_and_score(x_train, y_train, x_test, y_test, classes: int, iterations: i
 def probe_tower(model_config: MLLMConfig, image_size: int, train_scenes: int = 1000, test_scenes: int = 300) -> dict:
     """{"kind": accuracy, "colour": accuracy} over occupied held-out cells, of linear probes on the
     tower of ``model_config`` (its vision_path, or its random initialisation) at ``image_size`` px."""
-    from dataclasses import replace
-
     tower = VisionTower(replace(model_config, image_size=image_size))
     scenes = [make_scene(PROBE_SEED, i) for i in range(train_scenes + test_scenes)]
     features = cell_features(tower, scenes, image_size).flatten(0, 1)  # (S * 9, width)

@@ -60,16 +60,16 @@ def aggregate(results: list[dict]) -> dict:
     by_recipe: dict[str, list[dict]] = {}
     for run in results:
         by_recipe.setdefault(run["recipe"], []).append(run)
-    table = {name: {key: _stats([_metrics(r)[key] for r in runs]) for key in _metrics(runs[0])}
-             for name, runs in by_recipe.items()}
+    metrics = {name: [_metrics(r) for r in runs] for name, runs in by_recipe.items()}
+    table = {name: {key: _stats([m[key] for m in ms]) for key in ms[0]} for name, ms in metrics.items()}
     out = {"recipes": table, "baselines": {}}
     if COS not in by_recipe:
         return out
-    cos_by_seed = {r["seed"]: _metrics(r) for r in by_recipe[COS]}
+    cos_by_seed = {r["seed"]: m for r, m in zip(by_recipe[COS], metrics[COS])}
     for name, runs in by_recipe.items():
         if name == COS:
             continue
-        paired = [(cos_by_seed[r["seed"]], _metrics(r)) for r in runs if r["seed"] in cos_by_seed]
+        paired = [(cos_by_seed[r["seed"]], m) for r, m in zip(runs, metrics[name]) if r["seed"] in cos_by_seed]
         ratio = table[COS]["stage1_time_s"]["mean"] / table[name]["stage1_time_s"]["mean"]
         verdicts = {key: _verdict(table[COS][key], table[name][key], [c[key] - b[key] for c, b in paired], higher,
                                   CHANCE.get(key))

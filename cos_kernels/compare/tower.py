@@ -29,6 +29,7 @@ from ..atomic_io import atomic_dir
 from ..mllm import MLLMConfig
 from ..mllm.synthetic import BACKGROUNDS, COLOURS, SHAPES, label_maps, make_scene, render_scene
 from ..mllm.vision import build_vit, normalise
+from ..train.trainer import cosine_with_warmup
 
 __all__ = ["TowerRecipe", "pretrain_tower", "patch_targets", "TOWER_SEED"]
 
@@ -106,16 +107,15 @@ def pretrain_tower(model_config: MLLMConfig, cache_dir: str | Path, recipe: Towe
     heads.to(device)
     params = [*vit.parameters(), *heads.parameters()]
     optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0)
-    warmup = max(1, recipe.steps // 20)
+    schedule = cosine_with_warmup(max(1, recipe.steps // 20), recipe.steps)
     native, patch = vit.config.image_size, vit.config.patch_size
     log(f"vision tower: pre-training the {kind} ViT ({sum(p.numel() for p in vit.parameters()) / 1e6:.2f}M "
         f"parameters) on dense labels of synthetic scenes: {recipe.steps} steps x {recipe.batch} at "
         f"{'/'.join(map(str, recipe.resolutions))} px, heads on layers {layers}")
     start, seen = time.perf_counter(), 0
     for step in range(recipe.steps):
-        factor = (step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * (step - warmup) / (recipe.steps - warmup)))
         for group in optimizer.param_groups:
-            group["lr"] = recipe.lr * factor
+            group["lr"] = recipe.lr * schedule(step)
         size = recipe.resolutions[step % len(recipe.resolutions)]
         scenes = [make_scene(TOWER_SEED, step * recipe.batch + i) for i in range(recipe.batch)]
         pixels = torch.stack([render_scene(s, size) for s in scenes]).to(device)
@@ -124,22 +124,22 @@ def pretrain_tower(model_config: MLLMConfig, cache_dir: str | Path, recipe: Towe
                      interpolate_pos_encoding=size != native).hidden_states
         covered = 1 - targets["kind"][..., 0]  # (B, N): the fraction of each patch a shape covers
         weights = {"background": torch.ones_like(covered), "kind": 0.1 + covered, "colour": 0.1 + covered}
-        loss, correct = 0.0, []
+        loss = 0.0
         for layer, head in zip(layers, heads):
             logits = head(hidden[layer][:, -covered.shape[1]:]).split(list(GROUPS.values()), dim=-1)
             for (name, target), logit in zip(targets.items(), logits):
                 ce = F.cross_entropy(logit.transpose(1, 2), target.transpose(1, 2), reduction="none")
                 loss = loss + (ce * weights[name]).sum() / weights[name].sum() / len(layers)
-            shape = covered > 0.5
-            correct.append((logits[1].argmax(-1) == targets["kind"].argmax(-1))[shape].float().mean())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         seen += recipe.batch
         if step == 0 or (step + 1) % max(1, recipe.steps // 6) == 0 or step + 1 == recipe.steps:
+            shape = covered > 0.5  # the last head's kind accuracy on patches mostly covered by a shape
+            correct = (logits[1].argmax(-1) == targets["kind"].argmax(-1))[shape].float().mean()
             log(f"vision tower step {step + 1}/{recipe.steps}: loss {loss.item():.3f}, kind of shape patches "
-                f"{correct[-1].item():.0%} ({size} px); {seen / (time.perf_counter() - start):.0f} images/s")
+                f"{correct.item():.0%} ({size} px); {seen / (time.perf_counter() - start):.0f} images/s")
 
     def write(tmp: Path) -> None:
         vit.save_pretrained(tmp)

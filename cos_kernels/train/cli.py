@@ -20,7 +20,8 @@ _TYPES = {"int": int, "float": float, "str": str}
 
 
 def add_option(parser: argparse.ArgumentParser, f: dataclasses.Field) -> None:
-    """The command-line option of a config field declared with _opt (metadata: help, choices, nargs, type)."""
+    """The command-line option of a config field declared with config_io.option (metadata: help, choices,
+    nargs, type)."""
     meta, flag = f.metadata, "--" + f.name.replace("_", "-")
     default = f.default_factory() if f.default is dataclasses.MISSING else f.default
     shown = " ".join(map(str, default)) if isinstance(default, list) else default
