@@ -22,8 +22,12 @@ class CoSConfig(DictConfig):
     vision_dim: width C of the ViT features; dim: the resampler's width; llm_dim: the output width.
     num_levels: feature levels consumed in sequence (one block per level and scale).
     drop_cls: accept features with a leading CLS token (N + 1 tokens) and drop it.
-    mlp_ratio: hidden width of each block's MLP over dim; norm_eps: the LayerNorms' epsilon;
-    init_std: the std of the truncated-normal initialisation.
+    concat_levels: also accept the levels as one tensor, side by side on the channel axis
+      (B, N, num_levels * vision_dim): LLaVA's form for a list vision_feature_layer.
+    mlp_ratio: hidden width of each block's MLP over dim; norm_eps: the LayerNorms' epsilon (1e-5,
+      nn.LayerNorm's default and the public port's; checkpoints store theirs);
+    init_std: the std of the normal initialisation, cut at +-2 absolute (timm's trunc_normal_
+      bounds: at std 0.02 nothing is cut in practice).
 
     Integers are numbers.Integral (not bool) > 0, stored as int; mlp_ratio, norm_eps and init_std
     finite numbers.Real > 0, stored as float; windows and queries lists or tuples, one entry per
@@ -41,17 +45,19 @@ class CoSConfig(DictConfig):
     llm_dim: int = 4096
     num_levels: int = 2
     drop_cls: bool = True
-    norm_eps: float = 1e-6
+    concat_levels: bool = False
+    norm_eps: float = 1e-5
     init_std: float = 0.02
 
     def __post_init__(self):
         self.check_positive_ints("patch_size", "vision_dim", "dim", "num_heads", "llm_dim", "num_levels")
         self.check_positive_reals("mlp_ratio", "norm_eps", "init_std")
-        if not isinstance(self.drop_cls, bool):
-            raise TypeError(
-                f"CoSConfig.drop_cls must be a bool (True or False), got {self.drop_cls!r} "
-                f"({type(self.drop_cls).__name__})"
-            )
+        for name in ("drop_cls", "concat_levels"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise TypeError(
+                    f"CoSConfig.{name} must be a bool (True or False), got {value!r} ({type(value).__name__})"
+                )
         self.grid = _pair(self.grid, "CoSConfig.grid")
         for name in ("windows", "queries"):
             value = getattr(self, name)

@@ -60,7 +60,9 @@ class MultiScaleResampler(nn.Module):
     forward(features) -> (B, total_queries, llm_dim). ``features``: one tensor per feature level
     (a list of config.num_levels tensors, or a single tensor when num_levels == 1), each of shape
     (B, N, vision_dim) with N = GH * GW patches in raster order, (B, N + 1, vision_dim) with a leading
-    CLS token when config.drop_cls, or (B, vision_dim, GH, GW).
+    CLS token when config.drop_cls, or (B, vision_dim, GH, GW). With config.concat_levels, also one
+    tensor holding every level side by side on the channel axis, (B, N or N + 1, num_levels * vision_dim)
+    (LLaVA's get_image_features with a list vision_feature_layer), level l in channels l*C..(l+1)*C.
 
     Features must be floating point, on the parameters' device, and in the parameters' dtype unless
     autocast is on for their device type (torch.autocast casts them where they meet the weights).
@@ -102,13 +104,14 @@ class MultiScaleResampler(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """trunc-normal(std) queries and linear weights, zero biases, LayerNorm (1, 0)."""
+        """Normal(0, init_std^2) queries and linear weights cut at +-2 absolute (timm's trunc_normal_),
+        zero biases, LayerNorm (1, 0)."""
         std = self.config.init_std
         for p in self.queries:
-            nn.init.trunc_normal_(p, std=std, a=-2 * std, b=2 * std)
+            nn.init.trunc_normal_(p, std=std, a=-2.0, b=2.0)
         for m in self.modules():
             if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
+                nn.init.trunc_normal_(m.weight, std=std, a=-2.0, b=2.0)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
             elif isinstance(m, nn.LayerNorm):
@@ -193,12 +196,21 @@ class MultiScaleResampler(nn.Module):
         """Check and normalise the input: a list of (B, N, vision_dim) tensors, one per level."""
         cfg = self.config
         if isinstance(features, torch.Tensor):
-            if cfg.num_levels != 1:
+            concatenated = cfg.concat_levels and features.dim() == 3 and features.shape[-1] == cfg.num_levels * cfg.vision_dim
+            if concatenated:
+                features = list(features.split(cfg.vision_dim, dim=-1))
+            elif cfg.num_levels == 1:
+                features = [features]
+            else:
+                width = cfg.num_levels * cfg.vision_dim
+                alternative = (f"or one (B, N, {width}) tensor of them side by side on the channel axis"
+                               if cfg.concat_levels else
+                               f"(CoSConfig.concat_levels=True also accepts one (B, N, {width}) tensor of "
+                               f"them side by side on the channel axis)")
                 raise ValueError(
-                    f"this resampler has num_levels={cfg.num_levels}: pass a list of "
-                    f"{cfg.num_levels} feature tensors, got a single tensor of shape {tuple(features.shape)}"
+                    f"this resampler has num_levels={cfg.num_levels}: pass a list of {cfg.num_levels} "
+                    f"feature tensors {alternative}; got a single tensor of shape {tuple(features.shape)}"
                 )
-            features = [features]
         if not isinstance(features, (list, tuple)) or not all(
             isinstance(f, torch.Tensor) for f in features
         ):
@@ -294,39 +306,77 @@ class MultiScaleResampler(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, directory: str | os.PathLike, backend: str = "auto", fused: bool = True
+        cls, path: str | os.PathLike, backend: str = "auto", fused: bool = True, *,
+        dtype: torch.dtype | None = None, device: str | torch.device | None = None,
     ) -> "MultiScaleResampler":
-        """Load what save_pretrained wrote; a checkpoint that does not match its config is refused."""
-        directory = Path(directory)
-        for name in (CONFIG_NAME, WEIGHTS_NAME):
-            if not (directory / name).is_file():
-                raise FileNotFoundError(f"{directory / name} not found (expected {CONFIG_NAME} and {WEIGHTS_NAME})")
-        config = CoSConfig.from_json(directory / CONFIG_NAME)
-        model = cls(config, backend=backend, fused=fused)
-        with safe_open(str(directory / WEIGHTS_NAME), framework="pt") as f:
-            saved_spec = json.loads((f.metadata() or {}).get("layout", "null"))
-            if saved_spec is not None and tuple(saved_spec) != config.layout.to_spec():
-                raise ValueError(
-                    f"{directory / WEIGHTS_NAME} holds weights for {WindowLayout.from_spec(saved_spec)} "
-                    f"but {directory / CONFIG_NAME} describes {config.layout}"
-                )
-            state = {k: f.get_tensor(k) for k in f.keys()}
-        expected = model.state_dict()
-        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-        if missing or unexpected:
-            raise ValueError(
-                f"{directory / WEIGHTS_NAME} does not match {config.layout} (num_levels="
-                f"{config.num_levels}): missing {missing}, unexpected {unexpected}"
+        """Load a resampler from ``path``: a directory save_pretrained wrote, or the bridge of a
+        cos-train run (its latest checkpoint), its checkpoints/ directory or one checkpoint.
+
+        dtype: the parameters' floating-point dtype (default: the one they were saved in); device:
+        where they go (default: the CPU). Weights that do not match their config are refused.
+        """
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating-point torch.dtype or None, got {dtype!r}")
+        try:
+            device = torch.device("cpu" if device is None else device)
+        except (TypeError, RuntimeError) as err:
+            raise TypeError(f"device must be a torch.device, a str such as 'cuda:0', or None, got {device!r}") from err
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(
+                f"{path} does not exist: expected a directory save_pretrained wrote ({CONFIG_NAME} and "
+                f"{WEIGHTS_NAME}), or a cos-train run, its checkpoints/ directory or one checkpoint"
             )
-        for k, want in expected.items():
-            if state[k].shape != want.shape:
-                raise ValueError(
-                    f"{directory / WEIGHTS_NAME}: tensor {k!r} has shape {tuple(state[k].shape)} but the "
-                    f"config ({config.layout}, dim={config.dim}, vision_dim={config.vision_dim}) "
-                    f"expects {tuple(want.shape)}"
-                )
-        model.load_state_dict(state)
-        return model
+        if _is_saved_resampler(path):
+            config, state, where = _read_saved(path)
+        else:  # the training run's format is the layer above this one's: imported only when asked for
+            from .train.export import read_bridge
+
+            config, state, where = read_bridge(path)
+        with torch.device("meta"):
+            model = cls(config, backend=backend, fused=fused)
+        _check_state(model.state_dict(), state, config, where)
+        model.load_state_dict(state, assign=True)
+        return model.to(device=device, dtype=dtype or state["queries.0"].dtype)
+
+
+def _is_saved_resampler(path: Path) -> bool:
+    """Whether ``path`` holds what save_pretrained writes (a training checkpoint's config.json is a
+    dict of model / train configs instead)."""
+    try:
+        return (path / WEIGHTS_NAME).is_file() and "train" not in json.loads((path / CONFIG_NAME).read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def _read_saved(directory: Path) -> tuple[CoSConfig, dict[str, torch.Tensor], Path]:
+    """(config, state dict, weights file) of a save_pretrained directory; a layout mismatch between
+    the two files is refused."""
+    config = CoSConfig.from_json(directory / CONFIG_NAME)
+    with safe_open(str(directory / WEIGHTS_NAME), framework="pt") as f:
+        saved_spec = json.loads((f.metadata() or {}).get("layout", "null"))
+        if saved_spec is not None and tuple(saved_spec) != config.layout.to_spec():
+            raise ValueError(
+                f"{directory / WEIGHTS_NAME} holds weights for {WindowLayout.from_spec(saved_spec)} "
+                f"but {directory / CONFIG_NAME} describes {config.layout}"
+            )
+        return config, {k: f.get_tensor(k) for k in f.keys()}, directory / WEIGHTS_NAME
+
+
+def _check_state(expected: dict, state: dict, config: CoSConfig, where: Path) -> None:
+    """ValueError naming the tensors unless ``state`` has exactly ``expected``'s names and shapes."""
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"{where} does not match {config.layout} (num_levels={config.num_levels}): missing "
+            f"{missing}, unexpected {unexpected}"
+        )
+    for k, want in expected.items():
+        if state[k].shape != want.shape:
+            raise ValueError(
+                f"{where}: tensor {k!r} has shape {tuple(state[k].shape)} but the config ({config.layout}, "
+                f"dim={config.dim}, vision_dim={config.vision_dim}) expects {tuple(want.shape)}"
+            )
 
 
 def _check_feature_tensor(f: torch.Tensor, name: str, param: torch.Tensor) -> None:

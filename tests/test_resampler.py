@@ -92,7 +92,7 @@ def test_gradients_reach_every_parameter():
 @pytest.mark.parametrize(
     "features, match",
     [
-        (lambda: torch.randn(2, 24, 24), r"num_levels=2: pass a list of 2 feature tensors, got a single tensor of shape \(2, 24, 24\)"),
+        (lambda: torch.randn(2, 24, 24), r"num_levels=2: pass a list of 2 feature tensors \(CoSConfig.concat_levels=True also accepts one \(B, N, 48\) tensor .*; got a single tensor of shape \(2, 24, 24\)"),
         (lambda: [torch.randn(2, 24, 24)], "expected 2 feature levels, got a list of 1"),
         (lambda: [torch.randn(2, 23, 24)] * 2, r"features\[0\] has shape \(2, 23, 24\); accepted shapes: \(B, 24, 24\), \(B, 25, 24\) with a leading CLS token, \(B, 24, 4, 6\)"),
         (lambda: [torch.randn(2, 24, 24), torch.randn(2, 24, 6, 4)], r"features\[1\] has shape \(2, 24, 6, 4\)"),

@@ -9,12 +9,16 @@ from ..config import PRESETS as RESAMPLER_PRESETS
 from ..config import CoSConfig
 from ..config_io import DictConfig
 
-__all__ = ["MLLMConfig", "MODEL_PRESETS", "PROJECTOR_BRIDGES", "BRIDGES"]
+__all__ = ["MLLMConfig", "MODEL_PRESETS", "PROJECTOR_BRIDGES", "BRIDGES", "PORT_CHOICES"]
 
 # LLaVA's per-patch projectors; every other bridge name is a CoSConfig preset (cos-*, resampler-*).
 PROJECTOR_BRIDGES = ("linear", "mlp2x_gelu")
 BRIDGES = (*RESAMPLER_PRESETS, *PROJECTOR_BRIDGES)
 VISION_TYPES = ("clip", "siglip")
+LAYER_CONVENTIONS = ("paper", "port")
+# Where the public LLaVA port of Chain-of-Sight (Skip-Vision) differs from this package's defaults:
+# MLLMConfig.from_preset(name, **PORT_CHOICES) builds the port's model (docs/REFERENCE.md).
+PORT_CHOICES = dict(layer_convention="port", baseline_levels=1, pos_align_corners=True)
 
 
 @dataclass
@@ -26,12 +30,19 @@ class MLLMConfig(DictConfig):
       patch_size; vision_image_size, the resolution its position table was made for.
     image_size: the input resolution in pixels; when it differs from vision_image_size the position
       embeddings are interpolated bicubically. grid = image_size // patch_size.
-    feature_layers: the ViT layers (1-based, 1..vision_layers) whose patch outputs feed the bridge;
-      None picks the SPEC's: (round(2L/3), L-1), i.e. 16 and 23 of 24, for a resampler, and the
-      single layer L-1 for a per-patch projector.
+    pos_align_corners: that interpolation with align_corners=True (the public port's) instead of
+      transformers' align_corners=False (the default).
+    feature_layers: the ViT layers (1-based, 1..vision_layers: layer l's output is transformers'
+      hidden_states[l]) whose patch outputs feed the bridge; None picks them by layer_convention.
+    layer_convention: "paper" (default), the SPEC's (round(2L/3), L-1), i.e. 16 and 23 of 24; "port",
+      the public port's hidden_states[15] and [22], i.e. one earlier each. A per-patch projector takes
+      the single layer L-1 (LLaVA's -2) under both.
+    baseline_levels: how many of those levels a "resampler-*" baseline consumes: 2 (default, the
+      same two as Chain-of-Sight's bridge) or 1 (the later one alone, the port's baseline).
     bridge: a CoSConfig preset ("cos-80", "cos-1296", "resampler-80", ...), whose window sides are
       rescaled from the preset's grid to this grid, or "linear" / "mlp2x_gelu" (LLaVA's projectors).
-    bridge_dim / bridge_heads: the resampler's width and heads.
+    bridge_dim / bridge_heads: the resampler's width and heads; bridge_norm_eps its LayerNorms'
+      epsilon (checkpoints written before this field existed used 1e-6: train.checkpoint restores it).
     LLM (ignored where ``llm_path`` names a local causal-LM checkpoint): LLaMA architecture with
       llm_width / llm_layers / llm_heads / llm_kv_heads / llm_mlp / vocab_size / max_positions.
     tokenizer_path: a local tokenizer; None builds the byte-level one in-process.
@@ -47,10 +58,14 @@ class MLLMConfig(DictConfig):
     patch_size: int = 14
     vision_image_size: int = 224
     image_size: int = 224
+    pos_align_corners: bool = False
     feature_layers: list | None = None
+    layer_convention: str = "paper"
+    baseline_levels: int = 2
     bridge: str = "cos-80"
     bridge_dim: int = 1024
     bridge_heads: int = 16
+    bridge_norm_eps: float = 1e-5
     llm_path: str | None = None
     llm_width: int = 4096
     llm_layers: int = 32
@@ -67,6 +82,15 @@ class MLLMConfig(DictConfig):
             raise ValueError(f"MLLMConfig.vision_type must be one of {VISION_TYPES}, got {self.vision_type!r}")
         if self.bridge not in BRIDGES:
             raise ValueError(f"MLLMConfig.bridge must be one of {list(BRIDGES)}, got {self.bridge!r}")
+        if self.layer_convention not in LAYER_CONVENTIONS:
+            raise ValueError(f"MLLMConfig.layer_convention must be one of {list(LAYER_CONVENTIONS)}, got "
+                             f"{self.layer_convention!r}")
+        if isinstance(self.baseline_levels, bool) or self.baseline_levels not in (1, 2):
+            raise ValueError(f"MLLMConfig.baseline_levels must be 1 or 2, got {self.baseline_levels!r}")
+        if not isinstance(self.pos_align_corners, bool):
+            raise TypeError(f"MLLMConfig.pos_align_corners must be a bool (True or False), got "
+                            f"{self.pos_align_corners!r} ({type(self.pos_align_corners).__name__})")
+        self.check_positive_reals("bridge_norm_eps")
         self.check_positive_ints(
             "vision_width", "vision_layers", "vision_heads", "vision_mlp", "patch_size", "vision_image_size",
             "image_size", "bridge_dim", "bridge_heads", "llm_width", "llm_layers", "llm_heads", "llm_kv_heads",
@@ -112,10 +136,14 @@ class MLLMConfig(DictConfig):
         """The feature layers for a ViT with ``num_vision_layers`` layers (defaults filled in)."""
         if self.feature_layers is not None:
             return self.check_feature_layers(num_vision_layers)
-        last = num_vision_layers - 1 if num_vision_layers > 1 else 1
+        last = max(1, num_vision_layers - 1)
         if self.is_projector:
             return [last]
-        return sorted({max(1, round(2 * num_vision_layers / 3)), last})
+        shift = 1 if self.layer_convention == "port" else 0
+        layers = sorted({max(1, round(2 * num_vision_layers / 3) - shift), max(1, last - shift)})
+        if self.bridge.startswith("resampler-") and self.baseline_levels == 1:
+            return layers[-1:]
+        return layers
 
     def check_feature_layers(self, num_vision_layers: int) -> list[int]:
         for layer in self.feature_layers:
@@ -146,6 +174,7 @@ class MLLMConfig(DictConfig):
         return CoSConfig.from_preset(
             self.bridge, grid=grid, windows=windows, vision_dim=vision_width, dim=self.bridge_dim,
             num_heads=self.bridge_heads, llm_dim=llm_width, num_levels=num_levels, drop_cls=False,
+            norm_eps=self.bridge_norm_eps,
         )
 
     # ---- presets and serialisation ----------------------------------------------------------

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import MLLMConfig
 
-__all__ = ["VisionTower", "build_vit", "normalise"]
+__all__ = ["VisionTower", "build_vit", "normalise", "interpolate_positions"]
 
 # Per-channel normalisation the ViTs were trained with (images arrive in [0, 1]).
 _NORMALISATION = {
@@ -46,13 +49,33 @@ def normalise(pixel_values: torch.Tensor, kind: str) -> torch.Tensor:
     return (pixel_values - mean) / std
 
 
+def interpolate_positions(table: torch.Tensor, grid: tuple[int, int], has_cls: bool,
+                          align_corners: bool) -> torch.Tensor:
+    """A ViT's position table (P, D), the CLS position first when ``has_cls``, then a square grid of
+    patch positions in raster order -> (1, [1 +] GH * GW, D), the patch part resized bicubically to
+    ``grid`` = (GH, GW)."""
+    cls, patches = (table[:1], table[1:]) if has_cls else (table[:0], table)
+    side, dim = round(patches.shape[0] ** 0.5), table.shape[1]
+    square = patches.reshape(1, side, side, dim).permute(0, 3, 1, 2)
+    resized = F.interpolate(square, size=grid, mode="bicubic", align_corners=align_corners)
+    return torch.cat([cls, resized.permute(0, 2, 3, 1).reshape(-1, dim)]).unsqueeze(0)
+
+
+def _aligned_interpolation(embeddings: nn.Module, _embedded: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """transformers' interpolate_pos_encoding(embeddings, height, width) with align_corners=True."""
+    table = embeddings.position_embedding.weight
+    grid = (height // embeddings.patch_size, width // embeddings.patch_size)
+    return interpolate_positions(table, grid, hasattr(embeddings, "class_embedding"), align_corners=True)
+
+
 class VisionTower(nn.Module):
     """Frozen ViT (both training stages keep it frozen): images -> patch features of some layers.
 
     forward(pixel_values (B, 3, H, W) in [0, 1], H and W multiples of patch_size)
         -> list, one (B, GH * GW, width) tensor per feature layer, CLS dropped, patches in raster order.
-    At a resolution other than the ViT's own, its position embeddings are interpolated bicubically.
-    Layers after the last feature layer are removed: they would never be used.
+    At a resolution other than the ViT's own, its position embeddings are interpolated bicubically
+    (align_corners=config.pos_align_corners). Layers after the last feature layer are removed: they
+    would never be used.
     """
 
     def __init__(self, config: MLLMConfig):
@@ -64,6 +87,9 @@ class VisionTower(nn.Module):
         self.native_image_size = vit_config.image_size
         self.feature_layers = config.layers_for(vit_config.num_hidden_layers)
         self._truncate(max(self.feature_layers))
+        if config.pos_align_corners:
+            embeddings = self.vit.get_submodule("embeddings")
+            embeddings.interpolate_pos_encoding = functools.partial(_aligned_interpolation, embeddings)
         self.requires_grad_(False)
         self.eval()
 

@@ -44,6 +44,8 @@ __all__ = ["save_checkpoint", "load_trainer_state", "load_weights", "resolve_che
 
 CONFIG, WEIGHTS, TRAINER, MANIFEST = "config.json", "model.safetensors", "trainer.pt", "manifest.json"
 PATH_FIELDS = ("vision_path", "llm_path", "tokenizer_path")  # MLLMConfig fields naming local files
+# MLLMConfig fields added after checkpoints were first written, with the value those checkpoints used.
+LEGACY_MODEL_FIELDS = {"bridge_norm_eps": 1e-6}
 _STEP = re.compile(r"step-(\d+)$")
 
 
@@ -222,13 +224,15 @@ def resolve_checkpoint(path: str | Path, fallback: bool = False, warn=print, wha
 
 def read_configs(path: Path) -> dict:
     """config.json of a checkpoint, its model paths taken relative to the run directory where they
-    exist there (a moved run), else as written."""
+    exist there (a moved run), else as written; model fields it predates get the value it was
+    trained with (LEGACY_MODEL_FIELDS)."""
     try:
         configs = json.loads((path / CONFIG).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path / CONFIG} is corrupt: {err}") from None
     if not isinstance(configs, dict) or not {"model", "train", "frozen_checksums"} <= set(configs):
         raise ValueError(f"{path / CONFIG} is not a checkpoint config (it lacks model / train / frozen_checksums)")
+    configs["model"] = {**LEGACY_MODEL_FIELDS, **configs["model"]}
     run_dir = path.resolve().parent.parent
     for name, relative in configs.get("relative_paths", {}).items():
         if (run_dir / relative).exists():
