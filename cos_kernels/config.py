@@ -108,6 +108,23 @@ class CoSConfig(DictConfig):
         return cls.from_dict({**PRESETS[name], **overrides})
 
     @classmethod
+    def for_grid(cls, name: str, grid: int, **overrides) -> "CoSConfig":
+        """The preset ``name`` on a square ``grid`` of patches, its window sides scaled from the
+        preset's grid (cos-80's [16, 4] on 16 becomes [32, 8] on 32), any field overridden by keyword."""
+        preset = cls.from_preset(name)
+        (preset_grid, _), windows = preset.grid, []
+        for w in preset.windows:
+            side = w * grid / preset_grid
+            if side != int(side) or grid % int(side):
+                raise ValueError(
+                    f"preset {name!r} (windows {preset.windows} on grid {preset_grid}) cannot be rescaled to "
+                    f"grid {grid}: window {w} would become {side:g} patches; the grid must be a multiple "
+                    f"of {preset_grid // min(preset.windows)}"
+                )
+            windows.append(int(side))
+        return cls.from_preset(name, **{"grid": grid, "windows": windows, **overrides})
+
+    @classmethod
     def from_json(cls, text_or_path: str | os.PathLike) -> "CoSConfig":
         """From JSON text (a str whose stripped text starts with "{" or "[") or the path of a JSON
         file (any other str, or an os.PathLike)."""

@@ -135,6 +135,6 @@ def test_cli_debug_shows_the_traceback(tmp_path):
 def test_cli_refuses_an_unrescalable_bridge_and_a_tiny_dataset_before_the_warm_up(tmp_path, capsys, no_model_build):
     base = ["pretrain", "--out-dir", str(tmp_path / "run"), "--device", "cpu"]
     assert main([*base, "--image-size", "72"]) == 2  # grid 18: cos-80's 4-patch windows would be 4.5
-    assert "bridge 'cos-80' (windows [16, 4] on grid 16) cannot be rescaled to grid 18" in capsys.readouterr().err
+    assert "preset 'cos-80' (windows [16, 4] on grid 16) cannot be rescaled to grid 18" in capsys.readouterr().err
     assert main([*base, "--train-samples", "3", "--global-batch", "4"]) == 2
     assert "train_samples=3 is less than one micro-batch of 4" in capsys.readouterr().err

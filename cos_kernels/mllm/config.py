@@ -158,24 +158,14 @@ class MLLMConfig(DictConfig):
         """The CoSConfig of the bridge preset, its window sides rescaled to this grid."""
         if self.is_projector:
             raise ValueError(f"bridge {self.bridge!r} is a per-patch projector, not a resampler")
-        preset = CoSConfig.from_preset(self.bridge)
-        (preset_grid, _), grid = preset.grid, self.grid
-        windows = []
-        for w in preset.windows:
-            side = w * grid / preset_grid
-            if side != int(side) or grid % int(side):
-                raise ValueError(
-                    f"bridge {self.bridge!r} (windows {preset.windows} on grid {preset_grid}) cannot be "
-                    f"rescaled to grid {grid} (image_size {self.image_size} / patch {self.patch_size}): "
-                    f"window {w} would become {side:g} patches; pick an image size whose grid is a "
-                    f"multiple of {preset_grid // min(preset.windows)}"
-                )
-            windows.append(int(side))
-        return CoSConfig.from_preset(
-            self.bridge, grid=grid, windows=windows, vision_dim=vision_width, dim=self.bridge_dim,
-            num_heads=self.bridge_heads, llm_dim=llm_width, num_levels=num_levels, drop_cls=False,
-            norm_eps=self.bridge_norm_eps,
-        )
+        try:
+            return CoSConfig.for_grid(
+                self.bridge, self.grid, vision_dim=vision_width, dim=self.bridge_dim, num_heads=self.bridge_heads,
+                llm_dim=llm_width, num_levels=num_levels, drop_cls=False, norm_eps=self.bridge_norm_eps,
+            )
+        except ValueError as err:
+            raise ValueError(f"bridge {self.bridge!r} at image_size {self.image_size} (patch {self.patch_size}): "
+                             f"{err}") from None
 
     # ---- presets and serialisation ----------------------------------------------------------
     @classmethod

@@ -1,0 +1,160 @@
+"""transformers integration: Chain-of-Sight's resampler as the projector of LlavaForConditionalGeneration.
+
+    import cos_kernels.hf  # registers "cos_llava" with transformers' Auto classes
+    config = CoSLlavaConfig(vision_config=..., text_config=..., resampler="cos-80",
+                            vision_feature_layer=[16, 23])
+    model = CoSLlavaForConditionalGeneration(config)         # or .from_llava(llava_model, resampler)
+    processor = CoSLlavaProcessor(image_processor, tokenizer, num_image_tokens=config.image_seq_length)
+
+The model is LLaVA's, with ``model.multi_modal_projector`` a MultiScaleResampler: it takes LLaVA's
+selected features (B, N or N + 1, num_levels * vision_width), the levels of a list
+vision_feature_layer side by side on the channel axis (CoSConfig.concat_levels), and returns
+(B, num_tokens, text hidden size). Each ``<image>`` of a prompt stands for num_tokens placeholders,
+not one per patch: config.image_seq_length and CoSLlavaProcessor say how many. save_pretrained /
+from_pretrained (also AutoConfig, AutoModelForImageTextToText and AutoProcessor once this module
+is imported) keep the resampler: its CoSConfig is saved in config.json under "resampler".
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from transformers import (AutoConfig, AutoModelForImageTextToText, AutoProcessor, LlavaConfig,
+                          LlavaForConditionalGeneration, LlavaProcessor)
+from transformers.processing_utils import MultiModalData
+
+from .config import PRESETS, CoSConfig
+from .ops import BACKENDS
+from .resampler import MultiScaleResampler
+
+__all__ = ["CoSLlavaConfig", "CoSLlavaForConditionalGeneration", "CoSLlavaProcessor", "resampler_config"]
+
+
+class CoSLlavaConfig(LlavaConfig):
+    """LlavaConfig with ``resampler``: the projector's CoSConfig, given as a preset name (its windows
+    rescaled to the vision tower's grid; widths and levels taken from the sub-configs), a CoSConfig
+    or its dict; stored as the dict. ``resampler_backend`` names its attention backend ("auto").
+
+    image_seq_length is set to the resampler's number of tokens. Where a given CoSConfig disagrees
+    with the vision tower (width, patch size, grid), the text model (width) or vision_feature_layer
+    (its number of levels), a ValueError names the field.
+    """
+
+    model_type = "cos_llava"
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if getattr(self, "resampler", None) is None:  # transformers builds bare configs for defaults
+            self.resampler = None
+            return
+        resampler = resampler_config(self)
+        self.resampler = resampler.to_dict()
+        self.image_seq_length = resampler.num_tokens
+        self.resampler_backend = getattr(self, "resampler_backend", "auto")
+        if self.resampler_backend not in BACKENDS:
+            raise ValueError(f"CoSLlavaConfig.resampler_backend must be one of {list(BACKENDS)}, got "
+                             f"{self.resampler_backend!r}")
+
+
+def resampler_config(config: LlavaConfig) -> CoSConfig:
+    """The CoSConfig of ``config.resampler`` (a preset name, a CoSConfig or its dict), checked against
+    the rest of the LLaVA config; concat_levels and drop_cls on (LLaVA's feature form)."""
+    vision, text = config.vision_config, config.text_config
+    layers = config.vision_feature_layer
+    num_levels = 1 if isinstance(layers, int) else len(layers)
+    grid, spec = vision.image_size // vision.patch_size, config.resampler
+    if isinstance(spec, str):
+        if spec not in PRESETS:
+            raise ValueError(f"CoSLlavaConfig.resampler {spec!r} is not a preset; known presets: {sorted(PRESETS)}")
+        return CoSConfig.for_grid(spec, grid, patch_size=vision.patch_size, vision_dim=vision.hidden_size,
+                                  llm_dim=text.hidden_size, num_levels=num_levels, drop_cls=True, concat_levels=True)
+    if isinstance(spec, dict):
+        spec = CoSConfig.from_dict(spec)
+    if not isinstance(spec, CoSConfig):
+        raise TypeError(f"CoSLlavaConfig.resampler must be a preset name, a CoSConfig or its dict, got "
+                        f"{type(spec).__name__}")
+    expected = {"vision_dim": (vision.hidden_size, "vision_config.hidden_size"),
+                "patch_size": (vision.patch_size, "vision_config.patch_size"),
+                "grid": ((grid, grid), "vision_config.image_size // patch_size"),
+                "llm_dim": (text.hidden_size, "text_config.hidden_size"),
+                "num_levels": (num_levels, f"the number of vision_feature_layer entries ({layers})")}
+    for name, (want, source) in expected.items():
+        if getattr(spec, name) != want:
+            raise ValueError(f"CoSLlavaConfig.resampler {name} = {getattr(spec, name)} but {source} gives {want}")
+    return replace(spec, concat_levels=True, drop_cls=True)
+
+
+class CoSLlavaForConditionalGeneration(LlavaForConditionalGeneration):
+    """LlavaForConditionalGeneration whose multi_modal_projector is a MultiScaleResampler; forward,
+    backward, generate, save_pretrained and from_pretrained as LLaVA's."""
+
+    config_class = CoSLlavaConfig
+
+    def __init__(self, config: CoSLlavaConfig):
+        if not isinstance(config, CoSLlavaConfig) or config.resampler is None:
+            raise ValueError("CoSLlavaForConditionalGeneration needs a CoSLlavaConfig with a resampler (a preset "
+                             "name, a CoSConfig or its dict)")
+        super().__init__(config)
+        self.model.multi_modal_projector = MultiScaleResampler(
+            CoSConfig.from_dict(config.resampler), backend=config.resampler_backend)
+
+    @property
+    def resampler(self) -> MultiScaleResampler:
+        return self.model.multi_modal_projector
+
+    @classmethod
+    def from_llava(cls, llava: LlavaForConditionalGeneration,
+                   resampler: str | CoSConfig | MultiScaleResampler) -> "CoSLlavaForConditionalGeneration":
+        """A CoS model sharing ``llava``'s vision tower and language model (the same tensors, nothing
+        copied) with ``resampler`` as its projector: a preset name or CoSConfig (randomly initialised,
+        on the vision tower's device and dtype) or a MultiScaleResampler (used as is, its config set to
+        accept LLaVA's feature form)."""
+        if not isinstance(llava, LlavaForConditionalGeneration):
+            raise TypeError(f"llava must be a LlavaForConditionalGeneration, got {type(llava).__name__}")
+        module = resampler if isinstance(resampler, MultiScaleResampler) else None
+        settings = {k: v for k, v in llava.config.to_dict().items() if k not in ("model_type", "architectures")}
+        config = CoSLlavaConfig(**{**settings, "resampler": module.config if module else resampler})
+        config.vision_config, config.text_config = llava.config.vision_config, llava.config.text_config
+        with torch.device("meta"):  # every part but the projector is llava's own module
+            model = cls(config)
+        model.model.vision_tower, model.model.language_model = llava.model.vision_tower, llava.model.language_model
+        model.lm_head, model.generation_config = llava.lm_head, llava.generation_config
+        if module is None:
+            reference = next(llava.model.vision_tower.parameters())
+            module = MultiScaleResampler(resampler_config(config), backend=config.resampler_backend)
+            module = module.to(reference.device, reference.dtype)
+        else:
+            module.config = CoSConfig.from_dict(config.resampler)
+        model.model.multi_modal_projector = module
+        left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+        if left:
+            raise ValueError(f"{type(llava).__name__} holds parts this conversion does not know: {left[:5]}")
+        return model
+
+
+class CoSLlavaProcessor(LlavaProcessor):
+    """LlavaProcessor that expands each ``<image>`` of a prompt into ``num_image_tokens`` image tokens
+    (the resampler's token count, config.image_seq_length) instead of one per patch. Saved and
+    loaded with the processor (processor_config.json)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, num_image_tokens: int | None = None, **kwargs):
+        if isinstance(num_image_tokens, bool) or not isinstance(num_image_tokens, int) or num_image_tokens < 1:
+            raise ValueError(f"num_image_tokens must be a positive int (the resampler's num_tokens, "
+                             f"config.image_seq_length), got {num_image_tokens!r}")
+        self.num_image_tokens = num_image_tokens
+        super().__init__(image_processor, tokenizer, **kwargs)
+
+    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
+        return self.image_token * self.num_image_tokens
+
+    def _get_num_multimodal_tokens(self, image_sizes=None, **kwargs) -> MultiModalData:
+        if image_sizes is None:
+            return MultiModalData()
+        return MultiModalData(num_image_tokens=[self.num_image_tokens] * len(image_sizes),
+                              num_image_patches=[1] * len(image_sizes))
+
+
+AutoConfig.register(CoSLlavaConfig.model_type, CoSLlavaConfig)
+AutoModelForImageTextToText.register(CoSLlavaConfig, CoSLlavaForConditionalGeneration)
+AutoProcessor.register(CoSLlavaConfig, CoSLlavaProcessor)
