@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cos_kernels.mllm.vision import normalise
+from cos_kernels.mllm.config import PORT_CHOICES
+from cos_kernels.mllm.vision import interpolate_positions, normalise
 from cos_kernels.mllm import (IGNORE_INDEX, CaptionCollator, CoSMLLM, MLLMConfig, PatchProjector,
                               SyntheticCaptions, VisionTower)
 from cos_kernels.resampler import MultiScaleResampler
@@ -31,6 +32,54 @@ def test_default_feature_layers_follow_the_spec():
         MLLMConfig(feature_layers=[25])
     with pytest.raises(ValueError, match="one feature layer"):
         MLLMConfig(bridge="mlp2x_gelu", feature_layers=[16, 23])
+
+
+def test_the_ports_layer_and_baseline_choices():
+    """The public port reads transformers hidden_states[15] and [22] (one earlier each than the SPEC's
+    16 and 23) and its resampler baseline one level; each is an option, the SPEC's the default."""
+    assert MLLMConfig(layer_convention="port").layers_for(24) == [15, 22]
+    assert MLLMConfig(bridge="resampler-336").layers_for(24) == [16, 23]
+    assert MLLMConfig(bridge="resampler-336", baseline_levels=1).layers_for(24) == [23]
+    assert MLLMConfig(bridge="resampler-80", **PORT_CHOICES).layers_for(24) == [22]
+    assert MLLMConfig(bridge="linear", **PORT_CHOICES).layers_for(24) == [23]  # LLaVA's -2 under both
+    assert MLLMConfig(bridge="cos-80", baseline_levels=1).layers_for(24) == [16, 23]  # only baselines
+    tiny = CoSMLLM(MLLMConfig.from_preset("tiny", bridge="resampler-80", **PORT_CHOICES))
+    assert tiny.vision.feature_layers == [4] and tiny.bridge.config.num_levels == 1  # [3, 4] of 6, the later
+    for overrides, error, match in [
+        (dict(layer_convention="timm"), ValueError, r"layer_convention must be one of \['paper', 'port'\]"),
+        (dict(baseline_levels=3), ValueError, r"baseline_levels must be 1 or 2, got 3"),
+        (dict(pos_align_corners=1), TypeError, r"pos_align_corners must be a bool"),
+        (dict(bridge_norm_eps=0.0), ValueError, r"bridge_norm_eps must be a finite number > 0"),
+    ]:
+        with pytest.raises(error, match=match):
+            MLLMConfig(**overrides)
+    assert CoSMLLM(MLLMConfig.from_preset("tiny", bridge_norm_eps=1e-6)).bridge.norm_out.eps == 1e-6
+
+
+@pytest.mark.parametrize("vision_type", ["clip", "siglip"])
+def test_position_interpolation_with_aligned_corners(vision_type):
+    """pos_align_corners=False is transformers' own interpolation; True keeps the table's corner
+    positions exactly (align_corners=True's defining property) and changes the features."""
+    torch.manual_seed(0)
+    plain = VisionTower(MLLMConfig.from_preset("tiny", vision_type=vision_type, image_size=128))
+    torch.manual_seed(0)  # the same weights
+    aligned = VisionTower(MLLMConfig.from_preset("tiny", vision_type=vision_type, image_size=128,
+                                                 pos_align_corners=True))
+    embeddings, has_cls = plain.vit.embeddings, vision_type == "clip"
+    table = embeddings.position_embedding.weight
+    ours = interpolate_positions(table, (32, 32), has_cls, align_corners=False)
+    theirs = embeddings.interpolate_pos_encoding(torch.randn(1, 1024 + has_cls, 64), 128, 128)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    corners_of = lambda t, side: t[has_cls:].reshape(side, side, -1)[[0, 0, -1, -1], [0, -1, 0, -1]]
+    new = aligned.vit.embeddings.interpolate_pos_encoding(None, 128, 128)[0]
+    torch.testing.assert_close(corners_of(new, 32), corners_of(table, 16), rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(corners_of(ours[0], 32), corners_of(table, 16), atol=1e-3)
+    if has_cls:
+        assert torch.equal(new[0], table[0])
+    pixels = torch.rand(2, 3, 128, 128)
+    assert not torch.allclose(aligned(pixels)[0], plain(pixels)[0], atol=1e-3)
+    native = pixels[:1, :, :64, :64]
+    torch.testing.assert_close(aligned(native)[0], plain(native)[0], rtol=0, atol=0)  # nothing to interpolate
 
 
 def test_presets_and_bridge_rescaling():

@@ -356,3 +356,60 @@ def test_from_json_text_or_path(tmp_path):
         CoSConfig.from_json(missing)
     with pytest.raises(TypeError, match="JSON text or a file path .* got dict"):
         CoSConfig.from_json(cfg.to_dict())
+
+
+def test_reference_defaults_eps_and_init():
+    """SPEC (the public port's): LayerNorm eps 1e-5; N(0, 0.02^2) cut at +-2 absolute, so in practice
+    uncut (a cut at +-2 sigma gave std 0.0176 and nothing beyond 0.04)."""
+    config = CoSConfig(grid=16, windows=[16, 4], queries=[16, 64], vision_dim=256, dim=256, num_heads=4, llm_dim=256)
+    model = MultiScaleResampler(config)
+    assert config.norm_eps == 1e-5
+    assert {m.eps for m in model.modules() if isinstance(m, torch.nn.LayerNorm)} == {1e-5}
+    weights = torch.cat([m.weight.flatten() for m in model.modules() if isinstance(m, torch.nn.Linear)])
+    queries = torch.cat([q.flatten() for q in model.queries])
+    for values in (weights, queries):
+        assert abs(values.std().item() - 0.02) < 0.02 * 0.03 and abs(values.mean().item()) < 1e-3
+    assert (weights.abs() > 0.045).float().mean() > 0.01  # a 2-sigma cut would leave none
+    assert all(m.bias.abs().max() == 0 for m in model.modules() if isinstance(m, torch.nn.Linear) and m.bias is not None)
+
+
+def test_a_saved_model_keeps_its_epsilon(tmp_path):
+    old = randomize_(MultiScaleResampler(small_config(norm_eps=1e-6), backend="torch"))
+    old.save_pretrained(tmp_path)
+    loaded = MultiScaleResampler.from_pretrained(tmp_path, backend="torch")
+    assert loaded.config.norm_eps == 1e-6 and loaded.norm_out.eps == 1e-6
+    f = [torch.randn(2, 24, 24) for _ in range(2)]
+    torch.testing.assert_close(loaded(f), old(f), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_concatenated_levels_equal_the_list(fused):
+    """LLaVA's form: every level side by side on the channel axis, with or without the CLS token."""
+    model = randomize_(MultiScaleResampler(small_config(concat_levels=True), backend="torch", fused=fused))
+    levels = [torch.randn(2, 25, 24) for _ in range(2)]
+    want = model(levels)
+    torch.testing.assert_close(model(torch.cat(levels, dim=-1)), want, rtol=0, atol=0)
+    torch.testing.assert_close(model(torch.cat(levels, dim=-1)[:, 1:]), want, rtol=0, atol=0)
+    assert not torch.equal(model(levels[::-1]), want)  # level order matters: the split is checked
+    with pytest.raises(ValueError, match=r"pass a list of 2 feature tensors or one \(B, N, 48\) tensor"):
+        model(torch.randn(2, 24, 40))
+    with pytest.raises(TypeError, match="CoSConfig.concat_levels must be a bool"):
+        small_config(concat_levels="yes")
+
+
+def test_from_pretrained_dtype_and_device(tmp_path):
+    model = randomize_(MultiScaleResampler(small_config(), backend="torch")).to(torch.bfloat16)
+    model.save_pretrained(tmp_path)
+    kept = MultiScaleResampler.from_pretrained(tmp_path)
+    assert {p.dtype for p in kept.parameters()} == {torch.bfloat16}  # the saved dtype, not fp32
+    wide = MultiScaleResampler.from_pretrained(tmp_path, dtype=torch.float64, device=torch.device("cpu"))
+    assert {p.dtype for p in wide.parameters()} == {torch.float64} and wide.queries[0].device.type == "cpu"
+    for a, b in zip(model.parameters(), wide.parameters()):
+        assert torch.equal(a.double(), b)
+    with pytest.raises(TypeError, match="dtype must be a floating-point torch.dtype or None, got torch.int64"):
+        MultiScaleResampler.from_pretrained(tmp_path, dtype=torch.int64)
+    with pytest.raises(TypeError, match="device must be a torch.device, a str such as 'cuda:0', or None, got 'gpu0'"):
+        MultiScaleResampler.from_pretrained(tmp_path, device="gpu0")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="neither a directory save_pretrained wrote"):
+        MultiScaleResampler.from_pretrained(tmp_path / "empty")

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cos_kernels import MultiScaleResampler
 from cos_kernels.mllm import CaptionCollator, CoSMLLM, MLLMConfig, SyntheticCaptions
 from cos_kernels.mllm.synthetic import FIELDS
 
@@ -223,3 +224,47 @@ def test_two_process_gloo_run_matches_one_process(pretrain_run, tmp_path, mode):
     assert summary["processes"] == 2 and summary["eval"]["samples"] == 2 and "fields" in summary["eval"]
     saved = torch.load(out / "checkpoints/step-0000004/trainer.pt", weights_only=False)
     assert len(saved["rng"]) == 2 and saved["data_position"] == 4
+
+
+def _bridge_tensors(checkpoint) -> dict:
+    from safetensors.torch import load_file
+
+    return {k[len("bridge."):]: v for k, v in load_file(f"{checkpoint}/model.safetensors").items()
+            if k.startswith("bridge.")}
+
+
+def test_the_bridge_of_a_run_or_checkpoint_loads_as_a_resampler(pretrain_run, tmp_path):
+    config, _ = pretrain_run
+    run = config.out_dir
+    model = Trainer(tiny_config(tmp_path, "pre", resume=run)).model  # the step-4 model, as cos-train rebuilds it
+    for path in (run, f"{run}/checkpoints", f"{run}/checkpoints/step-0000004"):
+        loaded = MultiScaleResampler.from_pretrained(path, backend="torch", dtype=torch.float64)
+        assert loaded.config == model.bridge.config and loaded.queries[0].dtype == torch.float64
+        saved = _bridge_tensors(f"{run}/checkpoints/step-0000004")
+        assert all(torch.equal(v.double(), saved[k].double()) for k, v in loaded.state_dict().items())
+        features = [torch.randn(2, 256, 64, dtype=torch.float64) for _ in range(2)]
+        torch.testing.assert_close(loaded(features), model.bridge.double()(features), rtol=0, atol=0)
+        model.bridge.float()
+    step2 = MultiScaleResampler.from_pretrained(f"{run}/checkpoints/step-0000002")
+    assert not torch.equal(step2.queries[0], loaded.queries[0].float())
+    ft = Trainer(tiny_config(tmp_path, "ft", stage="finetune", init_from=run, bridge="cos-336", steps=1))
+    ft.fit()
+    scaled = MultiScaleResampler.from_pretrained(tmp_path / "ft")
+    assert scaled.config == ft.model.bridge.config and scaled.config.windows == [32, 16, 4]
+    assert all(torch.equal(a, b) for a, b in zip(scaled.state_dict().values(), ft.model.bridge.state_dict().values()))
+
+
+def test_checkpoints_from_before_the_epsilon_field_keep_theirs(pretrain_run, tmp_path):
+    """Checkpoints written before MLLMConfig.bridge_norm_eps existed trained with 1e-6: they reload with it."""
+    config, _ = pretrain_run
+    copy = tmp_path / "step-0000004"
+    shutil.copytree(f"{config.out_dir}/checkpoints/step-0000004", copy)
+    configs = json.loads((copy / "config.json").read_text())
+    assert configs["model"].pop("bridge_norm_eps") == 1e-5
+    (copy / "config.json").write_text(json.dumps(configs))
+    assert MultiScaleResampler.from_pretrained(copy).config.norm_eps == 1e-6
+    assert Trainer(tiny_config(tmp_path, resume=str(copy))).model.bridge.norm_out.eps == 1e-6
+    configs["model"]["bridge"] = "linear"
+    (copy / "config.json").write_text(json.dumps(configs))
+    with pytest.raises(ValueError, match="trained a 'linear' projector, not a resampler"):
+        MultiScaleResampler.from_pretrained(copy)
