@@ -268,3 +268,12 @@ def test_checkpoints_from_before_the_epsilon_field_keep_theirs(pretrain_run, tmp
     (copy / "config.json").write_text(json.dumps(configs))
     with pytest.raises(ValueError, match="trained a 'linear' projector, not a resampler"):
         MultiScaleResampler.from_pretrained(copy)
+
+
+def test_reference_choices_port_builds_the_ports_model(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, reference_choices="port", bridge="resampler-80"))
+    config = trainer.model.config
+    assert (config.layer_convention, config.baseline_levels, config.pos_align_corners) == ("port", 1, True)
+    assert trainer.model.vision.feature_layers == [4] and trainer.model.bridge.config.num_levels == 1
+    with pytest.raises(ValueError, match="--reference-choices is for stage 'pretrain' only"):
+        tiny_config(tmp_path, stage="finetune", init_from=str(tmp_path), reference_choices="port")

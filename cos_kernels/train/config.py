@@ -40,6 +40,10 @@ class TrainConfig(DictConfig):
     tokenizer_path: str | None = _opt(None, "local tokenizer (default: byte-level, built in-process)")
     feature_layers: list | None = _opt(None, "ViT layers feeding the bridge (default: SPEC's 16 and 23 of 24, "
                                        "scaled to the ViT's depth)", nargs="+", type=int)
+    reference_choices: str | None = _opt(None, "pretrain: where the paper and the public LLaVA port differ "
+                                         "(feature layers, position interpolation, baseline levels; "
+                                         "docs/REFERENCE.md), whose choices: paper (default) or port",
+                                         choices=("paper", "port"))
     llm_warmup_steps: int | None = _opt(None, "caption-only language-model steps on a randomly initialised LLM "
                                         "before pretraining, a stand-in for a pretrained LLM; default 200 for "
                                         "the tiny preset, 0 otherwise")
@@ -157,14 +161,15 @@ class TrainConfig(DictConfig):
 
 # Options one stage takes and the other must not be given (they would be silently ignored).
 STAGE_ONLY = {
-    "pretrain": ("model", "vision_path", "llm_path", "tokenizer_path", "feature_layers", "llm_warmup_steps"),
+    "pretrain": ("model", "vision_path", "llm_path", "tokenizer_path", "feature_layers", "reference_choices",
+                 "llm_warmup_steps"),
     "finetune": ("init_from", "scale_source"),
 }
 STAGE_ONLY_WHY = {"pretrain": "builds its model from the preset and options",
                   "finetune": "takes its model from the pretrain checkpoint (init_from)"}
 # On resume, the model comes from the checkpoint: these options must match it.
 MODEL_OPTIONS = ("model", "bridge", "image_size", "scale_source", "vision_path", "llm_path", "tokenizer_path",
-                 "feature_layers", "llm_warmup_steps", "init_from")
+                 "feature_layers", "reference_choices", "llm_warmup_steps", "init_from")
 # What shapes the trajectory: a resume with any of these changed does not continue the saved run.
 TRAJECTORY_OPTIONS = ("global_batch", "seed", "data", "image_folder", "train_samples", "max_caption_tokens", "steps",
                       "lr", "warmup_ratio", "weight_decay", "max_grad_norm", "precision")

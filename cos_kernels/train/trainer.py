@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from ..mllm import IGNORE_INDEX, CaptionCollator, CoSMLLM, MLLMConfig
+from ..mllm.config import PORT_CHOICES
 from ..resampler import MultiScaleResampler
 from ..atomic_io import remove_stale
 from .checkpoint import (check_frozen_checksums, frozen_checksums, list_checkpoints, load_trainer_state, load_weights,
@@ -216,6 +217,8 @@ class Trainer:
         cfg = self.config
         overrides = {k: getattr(cfg, k) for k in ("bridge", "image_size", "vision_path", "llm_path",
                                                   "tokenizer_path", "feature_layers") if getattr(cfg, k) is not None}
+        if cfg.reference_choices == "port":
+            overrides.update(PORT_CHOICES)
         model_config = MLLMConfig.from_preset(cfg.model_preset, seed=cfg.seed, **overrides)
         model_config.check_paths()  # before the warm-up
         steps = cfg.llm_warmup_steps
