@@ -200,3 +200,35 @@ def test_a_plain_llava_config_is_refused():
         CoSLlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text))
     with pytest.raises(ValueError, match="num_image_tokens must be a positive int"):
         tiny_processor(0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none here)")
+def test_bf16_on_the_gpu_with_the_triton_backend(tmp_path):
+    """The whole model in bf16 on the GPU, the resampler on the fused Triton backend: its visual tokens
+    within 2x the torch backend's bf16 error of the float64 composition; loss and gradients finite;
+    a reload onto the GPU in bf16 keeps it."""
+    from oracle import assert_within_eager_error
+
+    heads16 = tiny_resampler(num_heads=2)  # head dim 16: the Triton kernels' smallest
+    reference = randomise(CoSLlavaForConditionalGeneration(tiny_config(resampler=heads16))).eval()
+    pixels, ids = torch.rand(4, 3, 32, 32), prompt(4, 20)
+    levels = lambda model, px: [h[:, 1:] for h in (model.model.vision_tower(px, output_hidden_states=True)
+                                                   .hidden_states[layer] for layer in LAYERS)]
+    with torch.no_grad():
+        want = reference.double().resampler(levels(reference, pixels.double()))
+    outs = {}
+    for backend in ("torch", "triton"):  # the Triton model is the one trained below
+        model = CoSLlavaForConditionalGeneration(tiny_config(resampler=heads16, resampler_backend=backend))
+        model.load_state_dict(reference.state_dict())
+        model = model.to("cuda", torch.bfloat16)
+        with torch.no_grad():
+            outs[backend] = model.resampler(levels(model, pixels.to("cuda", torch.bfloat16))).double().cpu()
+    assert_within_eager_error("visual tokens", outs["triton"], want, outs["torch"], atol=1e-2)
+    labels = ids.masked_fill(ids == IMAGE_TOKEN, -100).cuda()
+    out = model(input_ids=ids.cuda(), pixel_values=pixels.to("cuda", torch.bfloat16), labels=labels)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and all(torch.isfinite(p.grad).all() for p in model.resampler.parameters())
+    model.save_pretrained(tmp_path)
+    again = CoSLlavaForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.bfloat16).to("cuda")
+    assert again.resampler.queries[0].dtype == torch.bfloat16 and again.resampler.queries[0].is_cuda
