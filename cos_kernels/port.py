@@ -371,17 +371,11 @@ def load_port_checkpoint(path_or_state, port_config: Mapping, *, dtype: torch.dt
     device: where they go (default: the CPU); backend, fused: as MultiScaleResampler takes them.
     Feature levels: config_from_port(port_config)[1].
     """
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise TypeError(f"dtype must be a floating-point torch.dtype or None, got {dtype!r}")
-    device = torch.device("cpu" if device is None else device)
     state = _read_state(path_or_state) if isinstance(path_or_state, (str, os.PathLike)) else path_or_state
-    ours = state_dict_from_port(state, port_config)
-    dtype = dtype or ours["queries.0"].dtype
+    ours = {k: v.clone() for k, v in state_dict_from_port(state, port_config).items()}  # not views of ``state``
     config, _ = config_from_port(port_config)
-    with torch.device("meta"):
-        resampler = MultiScaleResampler(config, backend=backend, fused=fused)
-    resampler.load_state_dict({k: v.to(device=device, dtype=dtype, copy=True) for k, v in ours.items()}, assign=True)
-    return resampler
+    return MultiScaleResampler.from_state_dict(config, ours, backend, fused, dtype=dtype, device=device,
+                                               where="the port state dict")
 
 
 def save_port_checkpoint(resampler: MultiScaleResampler, path: str | os.PathLike, feature_levels) -> None:

@@ -315,12 +315,7 @@ class MultiScaleResampler(nn.Module):
         dtype: the parameters' floating-point dtype (default: the one they were saved in); device:
         where they go (default: the CPU). Weights that do not match their config are refused.
         """
-        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            raise TypeError(f"dtype must be a floating-point torch.dtype or None, got {dtype!r}")
-        try:
-            device = torch.device("cpu" if device is None else device)
-        except (TypeError, RuntimeError) as err:
-            raise TypeError(f"device must be a torch.device, a str such as 'cuda:0', or None, got {device!r}") from err
+        _check_dtype_device(dtype, device)
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(
@@ -333,11 +328,33 @@ class MultiScaleResampler(nn.Module):
             from .train.export import read_bridge
 
             config, state, where = read_bridge(path)
+        return cls.from_state_dict(config, state, backend, fused, dtype=dtype, device=device, where=where)
+
+    @classmethod
+    def from_state_dict(
+        cls, config: CoSConfig, state: dict[str, torch.Tensor], backend: str = "auto", fused: bool = True, *,
+        dtype: torch.dtype | None = None, device: str | torch.device | None = None, where: str = "the state dict",
+    ) -> "MultiScaleResampler":
+        """A resampler of ``config`` holding ``state`` (its names and shapes; the tensors themselves
+        where dtype and device already match, else cast copies), without a random initialisation.
+        dtype: default the state's; device: default the CPU; ``where`` names the source in errors."""
+        _check_dtype_device(dtype, device)
         with torch.device("meta"):
             model = cls(config, backend=backend, fused=fused)
         _check_state(model.state_dict(), state, config, where)
         model.load_state_dict(state, assign=True)
-        return model.to(device=device, dtype=dtype or state["queries.0"].dtype)
+        return model.to(device=torch.device("cpu" if device is None else device),
+                        dtype=dtype or state["queries.0"].dtype)
+
+
+def _check_dtype_device(dtype, device) -> None:
+    """TypeError unless dtype is a floating-point torch.dtype or None and device names a device or is None."""
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating-point torch.dtype or None, got {dtype!r}")
+    try:
+        torch.device("cpu" if device is None else device)
+    except (TypeError, RuntimeError) as err:
+        raise TypeError(f"device must be a torch.device, a str such as 'cuda:0', or None, got {device!r}") from err
 
 
 def _is_saved_resampler(path: Path) -> bool:
@@ -363,7 +380,7 @@ def _read_saved(directory: Path) -> tuple[CoSConfig, dict[str, torch.Tensor], Pa
         return config, {k: f.get_tensor(k) for k in f.keys()}, directory / WEIGHTS_NAME
 
 
-def _check_state(expected: dict, state: dict, config: CoSConfig, where: Path) -> None:
+def _check_state(expected: dict, state: dict, config: CoSConfig, where) -> None:
     """ValueError naming the tensors unless ``state`` has exactly ``expected``'s names and shapes."""
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
