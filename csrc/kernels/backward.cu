@@ -1,7 +1,8 @@
-// Host launcher of the backward kernels (backward.cuh): dQ (which also writes delta), then dK/dV, on
-// one stream; instantiated for fp32, fp16, bf16 x G in {1,2,4,8}.
-#include "backward.cuh"
+// Host launcher of the backward kernels (kernels.cuh: CUDA cores for fp32, tensor cores for fp16 /
+// bf16): dQ (which also writes delta), then dK/dV, on one stream; instantiated for fp32, fp16, bf16 x
+// G in {1,2,4,8}.
 #include "dispatch.h"
+#include "kernels.cuh"
 
 namespace cos_kernels {
 
@@ -17,10 +18,11 @@ cudaError_t launch_window_attention_backward(const BwdParams& p, DType dt, const
   return detail::dispatch_kernel(dt, plan.group, [&](auto type_tag, auto group) -> cudaError_t {
     using T = typename decltype(type_tag)::type;
     constexpr int G = decltype(group)::value;
-    detail::window_attention_dq_kernel<T, G><<<q_blocks, plan.q.threads, plan.q.smem_bytes, stream>>>(p);
+    if (plan.tensor_cores != detail::kUsesTensorCores<T>) return cudaErrorInvalidValue;  // a plan of another dtype
+    detail::dq_kernel<T, G>()<<<q_blocks, plan.q.threads, plan.q.smem_bytes, stream>>>(p);
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
-    detail::window_attention_dkv_kernel<T, G><<<k_blocks, plan.k.threads, plan.k.smem_bytes, stream>>>(p);
+    detail::dkv_kernel<T, G>()<<<k_blocks, plan.k.threads, plan.k.smem_bytes, stream>>>(p);
     return cudaGetLastError();
   });
 }

@@ -1,6 +1,7 @@
-// Host launcher of the forward kernel (forward.cuh), instantiated for fp32, fp16, bf16 x G in {1,2,4,8}.
+// Host launcher of the forward kernel (kernels.cuh: CUDA cores for fp32, tensor cores for fp16 / bf16),
+// instantiated for fp32, fp16, bf16 x G in {1,2,4,8}.
 #include "dispatch.h"
-#include "forward.cuh"
+#include "kernels.cuh"
 
 namespace cos_kernels {
 
@@ -12,7 +13,8 @@ cudaError_t launch_window_attention_forward(const FwdParams& p, DType dt, const 
   return detail::dispatch_kernel(dt, plan.group, [&](auto type_tag, auto group) -> cudaError_t {
     using T = typename decltype(type_tag)::type;
     constexpr int G = decltype(group)::value;
-    detail::window_attention_forward_kernel<T, G><<<blocks, plan.q.threads, plan.q.smem_bytes, stream>>>(p);
+    if (plan.tensor_cores != detail::kUsesTensorCores<T>) return cudaErrorInvalidValue;  // a plan of another dtype
+    detail::forward_kernel<T, G>()<<<blocks, plan.q.threads, plan.q.smem_bytes, stream>>>(p);
     return cudaGetLastError();
   });
 }

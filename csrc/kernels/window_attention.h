@@ -13,7 +13,12 @@
 //     through shared memory in chunks (online softmax in the forward);
 //   k-tiles (dK and dV): each block owns up to `rows` keys (patches) of one scale, from one window or
 //     several small ones, and streams the queries of those windows.
-// Inside a block, a group of G threads owns one row; each thread holds 16 of the (padded) head dims.
+// Two kernel families share the tiling, chosen by dtype (make_plan):
+//   fp32: CUDA cores. Inside a block, a group of G threads owns one row; each thread holds 16 of the
+//     (padded) head dims; the streamed side goes through shared memory as fp32.
+//   fp16 / bf16: tensor cores (mma.sync m16n8k16, fp32 accumulation). A block is one warp owning a
+//     tile of 16 rows; the streamed side is staged in its own dtype by cp.async, double-buffered, and
+//     read as mma fragments with ldmatrix.
 // Tiles are ordered longest first (most columns per row), so long programs start first.
 #pragma once
 
@@ -49,6 +54,10 @@ constexpr int kMaxThreads = 128;           // threads per block (at most)
 constexpr int kSmemFloatsPerOperand = 2048;  // floats of one streamed operand chunk in shared memory
 constexpr int kKeyGroup = 8;               // columns scored together (one online-softmax rescale)
 constexpr int kBwdKeyGroup = 4;            // columns reduced together in the backward (register budget)
+// tensor-core path (fp16 / bf16)
+constexpr int kTcRows = 16;          // rows per tile: the m of mma.m16n8k16; one warp per block
+constexpr int kTcChunkElems = 2048;  // column slots x padded head dim of one staged operand chunk
+constexpr int kTcRowPad = 8;         // 16-bit elements appended to each staged row: ldmatrix's 8 rows hit 8 bank groups
 
 // ---- tile table ------------------------------------------------------------------------------
 // One tile = kTileInts int32: the fields below. "rows" are queries for q-tiles and keys (patches of
@@ -135,6 +144,7 @@ struct LaunchConfig {
 };
 
 struct Plan {
+  bool tensor_cores = false;  // fp16 / bf16: the mma kernels (one warp, 16-row tiles); fp32: CUDA cores
   int head_dim = 0;
   int group = 1;           // threads per row: 1, 2, 4 or 8
   int padded_dim = 16;     // group * kDimsPerThread
@@ -156,6 +166,15 @@ inline int group_for_head_dim(int head_dim) {
 }
 
 namespace detail {
+
+// Tensor cores: a warp per block, 16-row tiles, kTcChunkElems / padded-dim column slots per chunk.
+inline LaunchConfig make_tc_config(int group) {
+  LaunchConfig c;
+  c.rows = kTcRows;
+  c.threads = 32;
+  c.col_slots = kTcChunkElems / (group * kDimsPerThread);
+  return c;
+}
 
 inline LaunchConfig make_config(int group, int max_rows_per_window) {
   LaunchConfig c;
@@ -219,8 +238,10 @@ inline void plan_tiles(const LayoutSpec& L, bool key_rows, LaunchConfig* cfg, st
 
 }  // namespace detail
 
-inline Plan make_plan(const LayoutSpec& L, int head_dim) {
+// The plan of a layout, head dim and dtype (fp32: CUDA cores; fp16 / bf16: tensor cores).
+inline Plan make_plan(const LayoutSpec& L, int head_dim, DType dt) {
   Plan p;
+  p.tensor_cores = dt != DType::kFloat32;
   p.head_dim = head_dim;
   p.group = group_for_head_dim(head_dim);
   p.padded_dim = p.group * kDimsPerThread;
@@ -229,13 +250,20 @@ inline Plan make_plan(const LayoutSpec& L, int head_dim) {
     max_qpw = std::max(max_qpw, L.q_per_window(s));
     max_p = std::max(max_p, L.patches_per_window(s));
   }
-  p.q = detail::make_config(p.group, max_qpw);
-  p.k = detail::make_config(p.group, max_p);
+  p.q = p.tensor_cores ? detail::make_tc_config(p.group) : detail::make_config(p.group, max_qpw);
+  p.k = p.tensor_cores ? detail::make_tc_config(p.group) : detail::make_config(p.group, max_p);
   detail::plan_tiles(L, /*key_rows=*/false, &p.q, &p.tiles);
   detail::plan_tiles(L, /*key_rows=*/true, &p.k, &p.tiles);
-  const size_t operand = static_cast<size_t>(p.q.col_slots) * p.padded_dim * sizeof(float);
-  p.q.smem_bytes = 2 * operand;                                      // K and V chunks
-  p.k.smem_bytes = 2 * operand + 2 * p.k.col_slots * sizeof(float);  // Q, dO chunks + lse, delta
+  if (p.tensor_cores) {
+    // two buffers x two operands (K, V or Q, dO) of col_slots rows of padded_dim + kTcRowPad 16-bit elements
+    const size_t operands = 2 * 2 * static_cast<size_t>(p.q.col_slots) * (p.padded_dim + kTcRowPad) * 2;
+    p.q.smem_bytes = operands;
+    p.k.smem_bytes = operands + 2 * 2 * p.k.col_slots * sizeof(float);  // + lse, delta per buffer
+  } else {
+    const size_t operand = static_cast<size_t>(p.q.col_slots) * p.padded_dim * sizeof(float);
+    p.q.smem_bytes = 2 * operand;                                      // K and V chunks
+    p.k.smem_bytes = 2 * operand + 2 * p.k.col_slots * sizeof(float);  // Q, dO chunks + lse, delta
+  }
   return p;
 }
 
@@ -255,6 +283,7 @@ struct FwdParams {
   int col_slots;
   float scale_log2;  // softmax_scale * log2(e)
   int q_vec, kv_vec, out_vec;  // 4-element vector accesses allowed
+  int kv_async;                // 16-byte cp.async of K and V rows allowed (tensor-core path)
 };
 
 struct BwdParams {
@@ -277,15 +306,24 @@ struct BwdParams {
   int q_col_slots, k_col_slots;
   float scale, scale_log2;
   int q_vec, kv_vec, o_vec, do_vec, dq_vec, dkv_vec;
+  int kv_async, q_async, do_async;  // 16-byte cp.async of K, V / q / grad_out rows allowed (tensor cores)
 };
 
-// True when a tensor can be read 4 elements at a time along its last dim: unit last stride, every
-// other stride and D multiples of 4, base address aligned to 4 elements.
-inline bool can_vec4(const void* ptr, const int64_t* strides, int ndim, int head_dim, size_t elt) {
-  if (strides[ndim - 1] != 1 || head_dim % 4) return false;
+// True when a tensor can be read n elements at a time along its last dim: unit last stride, every
+// other stride and D multiples of n, base address aligned to n elements.
+inline bool can_vec(const void* ptr, const int64_t* strides, int ndim, int head_dim, size_t elt, int n) {
+  if (strides[ndim - 1] != 1 || head_dim % n) return false;
   for (int i = 0; i < ndim - 1; ++i)
-    if (strides[i] % 4) return false;
-  return reinterpret_cast<uintptr_t>(ptr) % (4 * elt) == 0;
+    if (strides[i] % n) return false;
+  return reinterpret_cast<uintptr_t>(ptr) % (n * elt) == 0;
+}
+
+// 4-element vector accesses (the CUDA-core path); 16-byte cp.async rows (the tensor-core path).
+inline bool can_vec4(const void* ptr, const int64_t* strides, int ndim, int head_dim, size_t elt) {
+  return can_vec(ptr, strides, ndim, head_dim, elt, 4);
+}
+inline bool can_copy16(const void* ptr, const int64_t* strides, int ndim, int head_dim, size_t elt) {
+  return can_vec(ptr, strides, ndim, head_dim, elt, static_cast<int>(16 / elt));
 }
 
 // Launches (asynchronously on `stream`); return the launch error, if any.

@@ -404,7 +404,7 @@ inline std::vector<float> decode(DType dt, const std::vector<uint8_t>& bytes, si
 //         const int32_t* tiles(const Plan&)  (the plan's tile table in the runner's memory)
 template <typename Runner>
 bool run_case(Runner& rt, const Case& c, std::mt19937_64& rng, bool check_backward, bool check_determinism) {
-  const Plan plan = cos_kernels::make_plan(c.L, c.D);
+  const Plan plan = cos_kernels::make_plan(c.L, c.D, c.dt);
   const std::string plan_err = check_plan(c.L, plan);
   if (!plan_err.empty()) {
     std::printf("FAIL %s: plan: %s\n", c.describe().c_str(), plan_err.c_str());
@@ -451,6 +451,7 @@ bool run_case(Runner& rt, const Case& c, std::mt19937_64& rng, bool check_backwa
   fp.q_vec = cos_kernels::can_vec4(q, d.q_stride, 4, c.D, es);
   fp.kv_vec = cos_kernels::can_vec4(k, d.k_stride, 5, c.D, es) && cos_kernels::can_vec4(v, d.v_stride, 5, c.D, es);
   fp.out_vec = c.D % 4 == 0;
+  fp.kv_async = cos_kernels::can_copy16(k, d.k_stride, 5, c.D, es) && cos_kernels::can_copy16(v, d.v_stride, 5, c.D, es);
 
   bool ok = rt.forward(fp, c.dt, plan);
   std::vector<uint8_t> out_bytes(n_q * es), lse_bytes(n_lse * 4);
@@ -505,6 +506,9 @@ bool run_case(Runner& rt, const Case& c, std::mt19937_64& rng, bool check_backwa
     bp.do_vec = cos_kernels::can_vec4(dout, d.do_stride, 4, c.D, es);
     bp.dq_vec = c.D % 4 == 0;
     bp.dkv_vec = c.D % 4 == 0;
+    bp.kv_async = fp.kv_async;
+    bp.q_async = cos_kernels::can_copy16(q, d.q_stride, 4, c.D, es);
+    bp.do_async = cos_kernels::can_copy16(dout, d.do_stride, 4, c.D, es);
 
     std::vector<std::vector<uint8_t>> first;
     for (int run = 0; run < (check_determinism ? 2 : 1) && ok; ++run) {

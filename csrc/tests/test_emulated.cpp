@@ -10,9 +10,8 @@
 #include <cstring>
 #include <map>
 
-#include "../kernels/backward.cuh"
 #include "../kernels/dispatch.h"
-#include "../kernels/forward.cuh"
+#include "../kernels/kernels.cuh"
 #include "harness.h"
 
 namespace {
@@ -34,7 +33,7 @@ struct EmulatedRunner {
              using T = typename decltype(type_tag)::type;
              constexpr int G = decltype(group)::value;
              cos_emu::launch(blocks, plan.q.threads, plan.q.smem_bytes,
-                             [&] { detail::window_attention_forward_kernel<T, G>(p); });
+                             [&] { detail::forward_kernel<T, G>()(p); });
              return cudaSuccess;
            }) == cudaSuccess;
   }
@@ -46,9 +45,9 @@ struct EmulatedRunner {
              using T = typename decltype(type_tag)::type;
              constexpr int G = decltype(group)::value;
              cos_emu::launch(q_blocks, plan.q.threads, plan.q.smem_bytes,
-                             [&] { detail::window_attention_dq_kernel<T, G>(p); });
+                             [&] { detail::dq_kernel<T, G>()(p); });
              cos_emu::launch(k_blocks, plan.k.threads, plan.k.smem_bytes,
-                             [&] { detail::window_attention_dkv_kernel<T, G>(p); });
+                             [&] { detail::dkv_kernel<T, G>()(p); });
              return cudaSuccess;
            }) == cudaSuccess;
   }

@@ -1,0 +1,252 @@
+// Backward kernels on tensor cores (fp16 / bf16), deterministic and free of atomics, as backward.cuh:
+//
+//   P = exp(scale * q.k - lse),  delta_i = sum_d dO_i * O_i,
+//   dV_j = sum_i P_ij dO_i,  dS_ij = P_ij (dO_i . v_j - delta_i),
+//   dQ_i = scale * sum_j dS_ij k_j,  dK_j = scale * sum_i dS_ij q_i   (i, j of the same window).
+//
+// 1. dQ kernel, one warp per q-tile (16 queries): Q and dO as A fragments, delta from dO and O in
+//    fp32 (written for step 2); the tile's K and V staged chunk by chunk (tc_common.cuh). Per
+//    16-column step: S = Q K^T and dP = dO V^T (ldmatrix of K and V rows), P and dS in fp32, then
+//    dQ += dS K (dS rounded to T as an A fragment, K rows by ldmatrix .trans).
+// 2. dK/dV kernel, one warp per k-tile (16 keys): K and V as A fragments; the tile's windows' queries
+//    staged chunk by chunk (q and dO rows, lse and delta per slot). Per 16-query step: S^T = K Q^T,
+//    dP^T = V dO^T, then dV += P^T dO and dK += dS^T Q.
+// Every sum runs in a fixed order; each output element has one owner.
+#pragma once
+
+#include "tc_common.cuh"
+
+namespace cos_kernels {
+namespace detail {
+
+template <typename T, int G>
+__global__ void __launch_bounds__(32, 1) tc_dq_kernel(const BwdParams p) {
+  constexpr int DPAD = G * kDimsPerThread, RS = DPAD + kTcRowPad;  // staged row stride (elements)
+  COS_DYNAMIC_SMEM(smem_f);
+  T* smem = reinterpret_cast<T*>(smem_f);
+  const int lane = threadIdx.x, g = lane / 4, t = lane % 4;
+  const TcTile tile = tc_tile(p.q_tiles, p.batch, p.heads);
+  const TileInfo& ti = tile.t;
+  const int b = tile.b, h = tile.h, D = p.head_dim;
+  const int C = p.q_col_slots, cb = ti.cols_per_chunk;
+
+  TcRow row[2] = {tc_row(ti, g), tc_row(ti, g + 8)};
+  const int lw[2] = {row[0].lw, row[1].lw};
+  int qi[2];
+  const T *qrow[2], *dorow[2], *orow[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    qi[r] = window_query(ti, ti.win0 + row[r].lw, row[r].j);
+    const bool on = row[r].active;
+    qrow[r] = on ? static_cast<const T*>(p.q) + b * p.q_stride[0] + qi[r] * p.q_stride[1] + h * p.q_stride[2]
+                 : nullptr;
+    dorow[r] = on ? static_cast<const T*>(p.grad_out) + b * p.do_stride[0] + qi[r] * p.do_stride[1] +
+                        h * p.do_stride[2]
+                  : nullptr;
+    orow[r] = on ? static_cast<const T*>(p.out) + b * p.o_stride[0] + qi[r] * p.o_stride[1] + h * p.o_stride[2]
+                 : nullptr;
+  }
+  uint32_t qa[G][4], doa[G][4];
+  load_a_rows<T, G>(qa, qrow[0], qrow[1], p.q_stride[3], D, t);
+  load_a_rows<T, G>(doa, dorow[0], dorow[1], p.do_stride[3], D, t);
+
+  // delta = rowsum(dO * O) in fp32 over this lane's fragment dims, then over the row's 4 lanes.
+  float delta[2] = {0.f, 0.f}, lse2[2] = {0.f, 0.f};
+  {
+    uint32_t oa[G][4];
+    load_a_rows<T, G>(oa, orow[0], orow[1], p.o_stride[3], D, t);
+#pragma unroll
+    for (int k = 0; k < G; ++k)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        delta[r & 1] = fmaf(unpack_lo<T>(doa[k][r]), unpack_lo<T>(oa[k][r]), delta[r & 1]);
+        delta[r & 1] = fmaf(unpack_hi<T>(doa[k][r]), unpack_hi<T>(oa[k][r]), delta[r & 1]);
+      }
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    delta[r] = quad_sum(delta[r]);
+    if (row[r].active) {
+      const int64_t at = static_cast<int64_t>(tile.bh) * p.total_queries + qi[r];
+      lse2[r] = p.lse[at] * kLog2e;
+      if (t == 0) p.delta[at] = delta[r];
+    }
+  }
+
+  float dq[2 * G][4];
+#pragma unroll
+  for (int n = 0; n < 2 * G; ++n)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) dq[n][i] = 0.f;
+
+  tc_zero_smem(smem, static_cast<size_t>(4) * C * RS * sizeof(T), lane);
+  const T* kbase = static_cast<const T*>(p.k) + b * p.k_stride[0] + ti.scale * p.k_stride[1] + h * p.k_stride[3];
+  const T* vbase = static_cast<const T*>(p.v) + b * p.v_stride[0] + ti.scale * p.v_stride[1] + h * p.v_stride[3];
+  auto stage = [&](int j0, int u) {
+    const int count = imin(cb, ti.cols_per_win - j0);
+    T* ks = smem + u * 2 * C * RS;
+    stage_rows<T, RS>(
+        ks, kbase, p.k_stride[4],
+        [&](int w, int jj) { return window_patch(ti, ti.win0 + w, j0 + jj, p.grid_w) * p.k_stride[2]; },
+        ti.num_win, cb, count, D, p.kv_async != 0, lane);
+    stage_rows<T, RS>(
+        ks + C * RS, vbase, p.v_stride[4],
+        [&](int w, int jj) { return window_patch(ti, ti.win0 + w, j0 + jj, p.grid_w) * p.v_stride[2]; },
+        ti.num_win, cb, count, D, p.kv_async != 0, lane);
+  };
+
+  const int ncols = ti.num_win * cb;
+  stage(0, 0);
+  cp_async_commit();
+  for (int j0 = 0, u = 0; j0 < ti.cols_per_win; j0 += cb, u ^= 1) {
+    if (j0 + cb < ti.cols_per_win) stage(j0 + cb, u ^ 1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    const int count = imin(cb, ti.cols_per_win - j0);
+    const T* ks = smem + u * 2 * C * RS;
+    const T* vs = ks + C * RS;
+    for (int col0 = 0; col0 < ncols; col0 += 16) {
+      float s[2][4] = {}, dp[2][4] = {};
+      mma_scores<T, G, RS>(s, qa, ks, col0, lane);
+      mma_scores<T, G, RS>(dp, doa, vs, col0, lane);
+#pragma unroll
+      for (int n = 0; n < 2; ++n)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int r = i >> 1;
+          const float pij = tc_valid(col0, n, i, t, lw, cb, count) ? exp2f(s[n][i] * p.scale_log2 - lse2[r]) : 0.f;
+          s[n][i] = row[r].active ? pij * (dp[n][i] - delta[r]) : 0.f;  // dS
+        }
+      uint32_t da[4];
+      pack_a<T>(da, s[0], s[1]);
+      mma_rows<T, G, RS>(dq, da, ks, col0, lane);
+    }
+    __syncthreads();
+  }
+  cp_async_wait<0>();
+
+  T* out_row[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r)
+    out_row[r] = row[r].active
+                     ? static_cast<T*>(p.dq) + ((static_cast<int64_t>(b) * p.total_queries + qi[r]) * p.heads + h) * D
+                     : nullptr;
+  store_c_rows<T, G>(out_row[0], out_row[1], dq, p.scale, D, t);
+}
+
+template <typename T, int G>
+__global__ void __launch_bounds__(32, 1) tc_dkv_kernel(const BwdParams p) {
+  constexpr int DPAD = G * kDimsPerThread, RS = DPAD + kTcRowPad;  // staged row stride (elements)
+  COS_DYNAMIC_SMEM(smem_f);
+  T* smem = reinterpret_cast<T*>(smem_f);
+  const int lane = threadIdx.x, g = lane / 4, t = lane % 4;
+  const TcTile tile = tc_tile(p.k_tiles, p.batch, p.heads);
+  const TileInfo& ti = tile.t;
+  const int b = tile.b, h = tile.h, D = p.head_dim;
+  const int C = p.k_col_slots, cb = ti.cols_per_chunk;
+
+  // This lane's two rows: keys (patch j of local window lw) of the tile.
+  TcRow row[2] = {tc_row(ti, g), tc_row(ti, g + 8)};
+  const int lw[2] = {row[0].lw, row[1].lw};
+  int patch[2];
+  const T *krow[2], *vrow[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    patch[r] = window_patch(ti, ti.win0 + row[r].lw, row[r].j, p.grid_w);
+    const bool on = row[r].active;
+    krow[r] = on ? static_cast<const T*>(p.k) + b * p.k_stride[0] + ti.scale * p.k_stride[1] +
+                       patch[r] * p.k_stride[2] + h * p.k_stride[3]
+                 : nullptr;
+    vrow[r] = on ? static_cast<const T*>(p.v) + b * p.v_stride[0] + ti.scale * p.v_stride[1] +
+                       patch[r] * p.v_stride[2] + h * p.v_stride[3]
+                 : nullptr;
+  }
+  uint32_t ka[G][4], va[G][4];
+  load_a_rows<T, G>(ka, krow[0], krow[1], p.k_stride[4], D, t);
+  load_a_rows<T, G>(va, vrow[0], vrow[1], p.v_stride[4], D, t);
+
+  float dk[2 * G][4], dv[2 * G][4];
+#pragma unroll
+  for (int n = 0; n < 2 * G; ++n)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) dk[n][i] = dv[n][i] = 0.f;
+
+  // Shared memory: buffer u holds q rows at smem + u * 2 C RS, dO rows after them; then, as fp32,
+  // lse * log2(e) and delta of buffer u at stat + u * 2 C and + C.
+  const size_t rows_bytes = static_cast<size_t>(4) * C * RS * sizeof(T);
+  float* stat = reinterpret_cast<float*>(reinterpret_cast<char*>(smem) + rows_bytes);
+  tc_zero_smem(smem, rows_bytes + 4 * C * sizeof(float), lane);
+  const T* qbase = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[2];
+  const T* dobase = static_cast<const T*>(p.grad_out) + b * p.do_stride[0] + h * p.do_stride[2];
+  const float* lse_bh = p.lse + static_cast<int64_t>(tile.bh) * p.total_queries;
+  const float* delta_bh = p.delta + static_cast<int64_t>(tile.bh) * p.total_queries;
+  auto stage = [&](int j0, int u) {
+    const int count = imin(cb, ti.cols_per_win - j0);
+    T* qs = smem + u * 2 * C * RS;
+    stage_rows<T, RS>(
+        qs, qbase, p.q_stride[3], [&](int w, int jj) { return window_query(ti, ti.win0 + w, j0 + jj) * p.q_stride[1]; },
+        ti.num_win, cb, count, D, p.q_async != 0, lane);
+    stage_rows<T, RS>(
+        qs + C * RS, dobase, p.do_stride[3],
+        [&](int w, int jj) { return window_query(ti, ti.win0 + w, j0 + jj) * p.do_stride[1]; }, ti.num_win, cb,
+        count, D, p.do_async != 0, lane);
+    float* l2s = stat + u * 2 * C;
+    for (int i = lane; i < ti.num_win * count; i += 32) {
+      const int w = i / count, jj = i - w * count;
+      const int qi = window_query(ti, ti.win0 + w, j0 + jj);
+      l2s[w * cb + jj] = lse_bh[qi] * kLog2e;
+      l2s[C + w * cb + jj] = delta_bh[qi];
+    }
+  };
+
+  const int ncols = ti.num_win * cb;
+  stage(0, 0);
+  cp_async_commit();
+  for (int j0 = 0, u = 0; j0 < ti.cols_per_win; j0 += cb, u ^= 1) {
+    if (j0 + cb < ti.cols_per_win) stage(j0 + cb, u ^ 1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    const int count = imin(cb, ti.cols_per_win - j0);
+    const T* qs = smem + u * 2 * C * RS;
+    const T* dos = qs + C * RS;
+    const float* l2s = stat + u * 2 * C;
+    for (int col0 = 0; col0 < ncols; col0 += 16) {
+      float s[2][4] = {}, dpt[2][4] = {};
+      mma_scores<T, G, RS>(s, ka, qs, col0, lane);
+      mma_scores<T, G, RS>(dpt, va, dos, col0, lane);
+#pragma unroll
+      for (int n = 0; n < 2; ++n)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int c = col0 + 8 * n + 2 * t + (i & 1);
+          const bool valid = row[i >> 1].active && tc_valid(col0, n, i, t, lw, cb, count);
+          const float pij = valid ? exp2f(s[n][i] * p.scale_log2 - l2s[c]) : 0.f;
+          s[n][i] = pij;                                          // P^T
+          dpt[n][i] = valid ? pij * (dpt[n][i] - l2s[C + c]) : 0.f;  // dS^T
+        }
+      uint32_t pa[4], da[4];
+      pack_a<T>(pa, s[0], s[1]);
+      pack_a<T>(da, dpt[0], dpt[1]);
+      mma_rows<T, G, RS>(dv, pa, dos, col0, lane);
+      mma_rows<T, G, RS>(dk, da, qs, col0, lane);
+    }
+    __syncthreads();
+  }
+  cp_async_wait<0>();
+
+  T *dk_row[2], *dv_row[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t at =
+        ((static_cast<int64_t>(b) * p.num_scales + ti.scale) * p.num_patches + patch[r]) * p.heads + h;
+    dk_row[r] = row[r].active ? static_cast<T*>(p.dk) + at * D : nullptr;
+    dv_row[r] = row[r].active ? static_cast<T*>(p.dv) + at * D : nullptr;
+  }
+  store_c_rows<T, G>(dk_row[0], dk_row[1], dk, p.scale, D, t);
+  store_c_rows<T, G>(dv_row[0], dv_row[1], dv, 1.f, D, t);
+}
+
+}  // namespace detail
+}  // namespace cos_kernels

@@ -1,0 +1,202 @@
+// Helpers of the tensor-core kernels (fp16 / bf16; tc_forward.cuh, tc_backward.cuh), no torch headers.
+//
+// A block is one warp and owns a tile of kTcRows = 16 rows (queries for q-tiles, keys for k-tiles) of
+// one scale: a slice of one window's rows, or several consecutive small windows packed (the planner's
+// tiles, window_attention.h). Lane l holds rows g = l / 4 and g + 8 of the mma fragments (mma.cuh);
+// its own rows (the A operands) are loaded once from global memory into registers. The other side
+// (columns: a window's patches for q-tiles, its queries for k-tiles) is staged into shared memory in
+// chunks of up to col_slots rows, in its own dtype, by 16-byte cp.async where rows are contiguous and
+// aligned (else element by element), in two buffers: chunk c + 1 is in flight while chunk c is used.
+// A staged row is padded to DPAD + kTcRowPad elements, so ldmatrix's eight row addresses fall in
+// eight different 16-byte bank groups (no conflicts). Column slot c of a chunk holds column
+// j0 + c % cb of the tile's local window c / cb (cb = cols_per_chunk); a score is kept where the
+// slot's window is the row's and c % cb < count, else masked (-inf before the softmax, 0 after).
+#pragma once
+
+#include "mma.cuh"
+
+namespace cos_kernels {
+namespace detail {
+
+template <typename T>
+COS_DEVICE uint32_t bits16(T x) {
+  uint16_t r;
+  std::memcpy(&r, static_cast<const void*>(&x), 2);
+  return r;
+}
+
+// The element in the low / high half of a packed pair, as float.
+template <typename T>
+COS_DEVICE float unpack_lo(uint32_t pair) {
+  const uint16_t bits = static_cast<uint16_t>(pair & 0xffffu);
+  T x;
+  std::memcpy(static_cast<void*>(&x), &bits, 2);
+  return Elt<T>::to_float(x);
+}
+
+template <typename T>
+COS_DEVICE float unpack_hi(uint32_t pair) {
+  return unpack_lo<T>(pair >> 16);
+}
+
+// The tile of this block and its (batch image, head): launches are tile-major over (tile, b, h).
+struct TcTile {
+  TileInfo t;
+  int b, h, bh;
+};
+
+COS_DEVICE TcTile tc_tile(const int32_t* tiles, int batch, int heads) {
+  TcTile r;
+  const int BH = batch * heads;
+  const int tile_idx = static_cast<int>(blockIdx.x / BH);
+  r.bh = static_cast<int>(blockIdx.x - static_cast<unsigned>(tile_idx) * BH);
+  r.b = r.bh / heads;
+  r.h = r.bh - r.b * heads;
+  r.t = load_tile(tiles, tile_idx);
+  return r;
+}
+
+// Row `row` (0..15) of the tile: its local window and index inside the window. Rows past the tile's
+// windows are inactive: they compute as window 0 on zeros and store nothing.
+struct TcRow {
+  bool active;
+  int lw, j;
+};
+
+COS_DEVICE TcRow tc_row(const TileInfo& t, int row) {
+  TcRow r;
+  const int lw_raw = row / t.rows_per_win;
+  r.active = lw_raw < t.num_win;
+  r.lw = r.active ? lw_raw : 0;
+  r.j = t.row0 + row % t.rows_per_win;
+  return r;
+}
+
+// A fragments (rows g and g + 8, dims k * 16 .. k * 16 + 15 for k < G) of two global rows with dim
+// stride sd; a null row, and dims >= D, load as zeros. Raw 16-bit values, no conversion.
+template <typename T, int G>
+COS_DEVICE void load_a_rows(uint32_t (&a)[G][4], const T* lo, const T* hi, int64_t sd, int D, int t) {
+#pragma unroll
+  for (int k = 0; k < G; ++k) {
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const T* row = (r & 1) ? hi : lo;
+      const int d = k * 16 + 2 * t + (r >= 2 ? 8 : 0);
+      const uint32_t x = row && d < D ? bits16(row[d * sd]) : 0u;
+      const uint32_t y = row && d + 1 < D ? bits16(row[(d + 1) * sd]) : 0u;
+      a[k][r] = x | y << 16;
+    }
+  }
+}
+
+// Block-cooperative (one warp) staging of a chunk: for local window w < num_win and jj < count, row
+// w * cb + jj of dst (row stride RS elements) gets the D elements at src + row_offset(w, jj) (dim
+// stride sd). async: 16-byte cp.async (D % 8 == 0, rows contiguous and aligned), in the caller's
+// group; else plain element copies.
+template <typename T, int RS, typename RowOffset>
+COS_DEVICE void stage_rows(T* dst, const T* src, int64_t sd, const RowOffset& row_offset, int num_win, int cb,
+                           int count, int D, bool async, int lane) {
+  if (async) {
+    const int per_row = D / 8;
+    const int total = num_win * count * per_row;
+    for (int i = lane; i < total; i += 32) {
+      const int row = i / per_row, d = (i - row * per_row) * 8;
+      const int w = row / count, jj = row - w * count;
+      cp_async16(dst + (w * cb + jj) * RS + d, src + row_offset(w, jj) + d);
+    }
+  } else {
+    const int total = num_win * count * D;
+    for (int i = lane; i < total; i += 32) {
+      const int row = i / D, d = i - row * D;
+      const int w = row / count, jj = row - w * count;
+      dst[(w * cb + jj) * RS + d] = src[row_offset(w, jj) + d * sd];
+    }
+  }
+}
+
+// Zeroes `n` bytes of shared memory (n a multiple of 16), then a barrier: padding dims and unused
+// slots stay zero (finite) for the whole kernel.
+COS_DEVICE void tc_zero_smem(void* smem, size_t n, int lane) {
+  for (size_t i = static_cast<size_t>(lane) * 16; i < n; i += 32 * 16) store_vec(static_cast<char*>(smem) + i, make_float4(0.f, 0.f, 0.f, 0.f));
+  __syncthreads();
+}
+
+// B fragments of S = A * X^T for two 8-column tiles (staged rows col0 .. col0 + 15 of X) at dims
+// d0 .. d0 + 15: {b[0], b[1]} for columns col0.., {b[2], b[3]} for col0 + 8.. (ldmatrix, no .trans).
+template <int RS, typename T>
+COS_DEVICE void ldsm_rows_as_bt(uint32_t (&b)[4], const T* rows, int col0, int d0, int lane) {
+  const int m = lane / 8, r = lane % 8;
+  ldmatrix_x4<false>(b, rows + (col0 + (m / 2) * 8 + r) * RS + d0 + (m % 2) * 8);
+}
+
+// B fragments of O = P * X for two 8-dim tiles (d0.., d0 + 8..) over staged rows col0 .. col0 + 15 of
+// X as the k of the product: {b[0], b[1]} for dims d0.., {b[2], b[3]} for d0 + 8.. (ldmatrix .trans).
+template <int RS, typename T>
+COS_DEVICE void ldsm_rows_as_b(uint32_t (&b)[4], const T* rows, int col0, int d0, int lane) {
+  const int m = lane / 8, r = lane % 8;
+  ldmatrix_x4<true>(b, rows + (col0 + (m % 2) * 8 + r) * RS + d0 + (m / 2) * 8);
+}
+
+// acc (16 rows x 16 G dims, as 2 G C fragments) += P (A fragment over 16 staged rows from col0) * X.
+template <typename T, int G, int RS>
+COS_DEVICE void mma_rows(float (&acc)[2 * G][4], const uint32_t (&pa)[4], const T* rows, int col0, int lane) {
+#pragma unroll
+  for (int k = 0; k < G; ++k) {
+    uint32_t b[4];
+    ldsm_rows_as_b<RS>(b, rows, col0, k * 16, lane);
+    mma_16816<T>(acc[2 * k], pa, {b[0], b[1]});
+    mma_16816<T>(acc[2 * k + 1], pa, {b[2], b[3]});
+  }
+}
+
+// s (16 rows x 16 columns, two C fragments) += A (16 rows x 16 G dims) * X^T over staged rows col0...
+template <typename T, int G, int RS>
+COS_DEVICE void mma_scores(float (&s)[2][4], const uint32_t (&a)[G][4], const T* rows, int col0, int lane) {
+#pragma unroll
+  for (int k = 0; k < G; ++k) {
+    uint32_t b[4];
+    ldsm_rows_as_bt<RS>(b, rows, col0, k * 16, lane);
+    mma_16816<T>(s[0], a[k], {b[0], b[1]});
+    mma_16816<T>(s[1], a[k], {b[2], b[3]});
+  }
+}
+
+// Whether element i (0..3) of C fragment n (0, 1) of the 16-column step at col0 is a column of the
+// row's window: slot c = col0 + 8 n + 2 t + i % 2, its window c / cb must be lw[i / 2] (the window of
+// row g or g + 8) and c % cb < count.
+COS_DEVICE bool tc_valid(int col0, int n, int i, int t, const int (&lw)[2], int cb, int count) {
+  const int c = col0 + 8 * n + 2 * t + (i & 1);
+  const int w = c / cb;
+  return w == lw[i >> 1] && c - w * cb < count;
+}
+
+// Sum and max over the 4 lanes holding one fragment row (lanes 4 g .. 4 g + 3), fixed order.
+COS_DEVICE float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+COS_DEVICE float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+
+// Stores C fragments acc (16 rows x 16 G dims) * mul: row g to lo, row g + 8 to hi (contiguous rows of
+// D elements; a null row is skipped), dims >= D dropped.
+template <typename T, int G>
+COS_DEVICE void store_c_rows(T* lo, T* hi, const float (&acc)[2 * G][4], float mul, int D, int t) {
+#pragma unroll
+  for (int n = 0; n < 2 * G; ++n) {
+    const int d = n * 8 + 2 * t;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      T* row = half ? hi : lo;
+      if (!row) continue;
+      if (d < D) row[d] = Elt<T>::from_float(acc[n][2 * half] * mul);
+      if (d + 1 < D) row[d + 1] = Elt<T>::from_float(acc[n][2 * half + 1] * mul);
+    }
+  }
+}
+
+}  // namespace detail
+}  // namespace cos_kernels
