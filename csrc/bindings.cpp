@@ -99,22 +99,23 @@ void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const a
                 shape_str(t.sizes()));
 }
 
-// ---- plans, cached per (device, head dim, layout) with their tile table on the device --------------
+// ---- plans, cached per (device, head dim, dtype, layout) with their tile table on the device -------
 struct PlanEntry {
   Plan plan;
   at::Tensor tiles;  // int32, q-tiles then k-tiles, on the device
 };
 
-const PlanEntry& plan_for(const LayoutSpec& L, at::IntArrayRef spec, int head_dim, const at::Device& device) {
-  using Key = std::tuple<int, int, std::vector<int64_t>>;
+const PlanEntry& plan_for(const LayoutSpec& L, at::IntArrayRef spec, int head_dim, DType dt,
+                          const at::Device& device) {
+  using Key = std::tuple<int, int, int, std::vector<int64_t>>;
   static std::mutex mutex;
   static std::map<Key, std::unique_ptr<PlanEntry>> cache;
-  Key key{device.index(), head_dim, spec.vec()};
+  Key key{device.index(), head_dim, static_cast<int>(dt), spec.vec()};
   std::lock_guard<std::mutex> lock(mutex);
   auto it = cache.find(key);
   if (it == cache.end()) {
     auto entry = std::make_unique<PlanEntry>();
-    entry->plan = cos_kernels::make_plan(L, head_dim);
+    entry->plan = cos_kernels::make_plan(L, head_dim, dt);
     const auto& t = entry->plan.tiles;
     entry->tiles = at::from_blob(const_cast<int32_t*>(t.data()), {static_cast<int64_t>(t.size())},
                                  at::TensorOptions().dtype(at::kInt))
@@ -132,6 +133,11 @@ void copy_strides(int64_t (&dst)[N], const at::Tensor& t) {
 bool vec4(const at::Tensor& t, int head_dim) {
   return cos_kernels::can_vec4(t.data_ptr(), t.strides().data(), static_cast<int>(t.dim()), head_dim,
                                t.element_size());
+}
+
+bool copy16(const at::Tensor& t, int head_dim) {
+  return cos_kernels::can_copy16(t.data_ptr(), t.strides().data(), static_cast<int>(t.dim()), head_dim,
+                                 t.element_size());
 }
 
 void check_grid(const char* op, const Plan& plan, int64_t B, int64_t H) {
@@ -152,7 +158,8 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& q, const at::T
   at::Tensor out = at::empty({B, Q, H, D}, q.options());
   at::Tensor lse = at::empty({B, H, Q}, q.options().dtype(at::kFloat));
   if (B == 0 || H == 0) return {out, lse};
-  const PlanEntry& entry = plan_for(L, layout_spec, static_cast<int>(D), q.device());
+  const DType dt = dtype_of(kForward, "q", q);
+  const PlanEntry& entry = plan_for(L, layout_spec, static_cast<int>(D), dt, q.device());
   check_grid(kForward, entry.plan, B, H);
   poison({&out, &lse});
 
@@ -177,8 +184,9 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& q, const at::T
   p.q_vec = vec4(q, p.head_dim);
   p.kv_vec = vec4(k, p.head_dim) && vec4(v, p.head_dim);
   p.out_vec = vec4(out, p.head_dim);
-  const cudaError_t err = cos_kernels::launch_window_attention_forward(p, dtype_of(kForward, "q", q), entry.plan,
-                                                                      c10::cuda::getCurrentCUDAStream());
+  p.kv_async = copy16(k, p.head_dim) && copy16(v, p.head_dim);
+  const cudaError_t err =
+      cos_kernels::launch_window_attention_forward(p, dt, entry.plan, c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, kForward, ": kernel launch failed: ", cudaGetErrorString(err));
   return {out, lse};
 }
@@ -216,7 +224,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& g
   at::Tensor dv = at::empty(v.sizes(), v.options());
   if (B == 0 || H == 0) return {dq, dk, dv};
   at::Tensor delta = at::empty({B, H, Q}, q.options().dtype(at::kFloat));
-  const PlanEntry& entry = plan_for(L, layout_spec, static_cast<int>(D), q.device());
+  const DType dt = dtype_of(kBackward, "q", q);
+  const PlanEntry& entry = plan_for(L, layout_spec, static_cast<int>(D), dt, q.device());
   check_grid(kBackward, entry.plan, B, H);
   poison({&dq, &dk, &dv, &delta});
 
@@ -257,8 +266,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& g
   p.do_vec = vec4(grad_out, p.head_dim);
   p.dq_vec = vec4(dq, p.head_dim);
   p.dkv_vec = vec4(dk, p.head_dim) && vec4(dv, p.head_dim);
-  const cudaError_t err = cos_kernels::launch_window_attention_backward(p, dtype_of(kBackward, "q", q), entry.plan,
-                                                                       c10::cuda::getCurrentCUDAStream());
+  p.kv_async = copy16(k, p.head_dim) && copy16(v, p.head_dim);
+  p.q_async = copy16(q, p.head_dim);
+  p.do_async = copy16(grad_out, p.head_dim);
+  const cudaError_t err =
+      cos_kernels::launch_window_attention_backward(p, dt, entry.plan, c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, kBackward, ": kernel launch failed: ", cudaGetErrorString(err));
   return {dq, dk, dv};
 }
@@ -306,12 +318,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "Test hook: when on, every output (and scratch) buffer is filled with NaN before the kernels run.");
   m.def(
       "plan_summary",
-      [](std::vector<int64_t> layout_spec, int64_t head_dim) {
+      [](std::vector<int64_t> layout_spec, int64_t head_dim, const std::string& dtype) {
         const LayoutSpec L = parse_spec("cos_kernels._C.plan_summary", layout_spec);
         TORCH_CHECK(head_dim >= cos_kernels::kMinHeadDim && head_dim <= cos_kernels::kMaxHeadDim,
                     "cos_kernels._C.plan_summary: head_dim must be in 16..128, got ", head_dim);
-        const Plan plan = cos_kernels::make_plan(L, static_cast<int>(head_dim));
+        DType dt = DType::kFloat32;
+        if (dtype == "float16") dt = DType::kFloat16;
+        else if (dtype == "bfloat16") dt = DType::kBFloat16;
+        else TORCH_CHECK(dtype == "float32", "cos_kernels._C.plan_summary: dtype must be 'float32', 'float16' or "
+                         "'bfloat16', got '", dtype, "'");
+        const Plan plan = cos_kernels::make_plan(L, static_cast<int>(head_dim), dt);
         pybind11::dict d;
+        d["tensor_cores"] = plan.tensor_cores;
         d["threads_per_row"] = plan.group;
         d["padded_head_dim"] = plan.padded_dim;
         d["q_tiles"] = plan.q.num_tiles;
@@ -324,6 +342,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         d["k_smem_bytes"] = plan.k.smem_bytes;
         return d;
       },
-      pybind11::arg("layout_spec"), pybind11::arg("head_dim"),
-      "Launch configuration the kernels use for a layout spec and head dim (for benchmarks and debugging).");
+      pybind11::arg("layout_spec"), pybind11::arg("head_dim"), pybind11::arg("dtype") = "float32",
+      "Launch configuration the kernels use for a layout spec, head dim and dtype (fp32: CUDA cores; fp16 / "
+      "bf16: tensor cores), for benchmarks and debugging.");
 }
