@@ -13,6 +13,7 @@
 #include "../kernels/dispatch.h"
 #include "../kernels/kernels.cuh"
 #include "harness.h"
+#include "primitives.h"
 
 namespace {
 
@@ -64,7 +65,7 @@ int main(int argc, char** argv) {
               n_random, large ? " (+ full-size presets)" : "");
   std::mt19937_64 rng(seed);
   EmulatedRunner runner;
-  int failed = 0, total = 0;
+  int failed = !cos_test::check_primitives(rng), total = 1;  // the instructions first, then the kernels
   for (const auto& c : cos_test::standard_cases(rng, n_random, large)) {
     const auto t0 = std::chrono::steady_clock::now();
     const bool ok = cos_test::run_case(runner, c, rng, /*check_backward=*/true, /*check_determinism=*/false);
