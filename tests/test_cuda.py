@@ -16,6 +16,8 @@ the kernels' own code under the CPU emulation of csrc/tests (compiled with g++ h
 
 from __future__ import annotations
 
+import math
+import os
 import shutil
 import subprocess
 import sys
@@ -44,7 +46,7 @@ from kernel_cases import (
     run_python,
     shrunk_preset,
 )
-from oracle import random_layout, random_qkv, reference_attention, seeded_rng
+from oracle import assert_within_eager_error, random_layout, random_qkv, reference_attention, seeded_rng
 
 from cos_kernels import PRESETS, CoSConfig, WindowLayout, multiscale_window_attention
 from cos_kernels.ops import _FUSED_MODULES, available_backends, reference, resolve_backend
@@ -158,9 +160,12 @@ def _cuda_include_dir() -> Path | None:
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to build the CPU emulation test")
 @pytest.mark.skipif(_cuda_include_dir() is None, reason="needs the CUDA toolkit headers (cuda_fp16.h)")
 def test_kernels_under_cpu_emulation(tmp_path):
-    """The CUDA kernels' own code (csrc/kernels/*.cuh), compiled with g++ against the fiber-based
-    emulation of csrc/tests/emulation.h, matches a float64 loop reference on fixed and random cases
-    (forward and backward, every dtype, odd head dims, strided inputs)."""
+    """The CUDA kernels' own code (csrc/kernels/*.cuh: CUDA cores for fp32, tensor cores for fp16 and
+    bf16), compiled with g++ against the fiber-based emulation of csrc/tests/emulation.h: first the
+    emulated mma / ldmatrix / cp.async alone against plain products, then the kernels on fixed and
+    random cases (forward and backward, every dtype, odd head dims, strided inputs) against the
+    binary's float64 loop reference, and here every case's out, lse, dq, dk, dv against the float64
+    oracle by the 2x-eager rule (eager PyTorch in the same dtype, on the same inputs)."""
     exe = tmp_path / "test_emulated"
     build = subprocess.run(
         ["g++", "-std=c++20", "-O1", f"-I{_cuda_include_dir()}", str(ROOT / "csrc/tests/test_emulated.cpp"),
@@ -169,9 +174,54 @@ def test_kernels_under_cpu_emulation(tmp_path):
     )
     assert build.returncode == 0, build.stderr[-4000:]
     seed = seeded_rng().randrange(2**31)
-    res = subprocess.run([str(exe), "8", str(seed)], capture_output=True, text=True, timeout=600)
+    dump = tmp_path / "cases"
+    dump.mkdir()
+    res = subprocess.run([str(exe), "8", str(seed)], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "COS_EMULATION_DUMP": str(dump)})
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
-    assert "cases passed" in res.stdout
+    assert "ok   primitives" in res.stdout and "cases passed" in res.stdout
+    stems = sorted(dump.glob("case_*.txt"))
+    assert len(stems) == 16, res.stdout  # 8 fixed cases + 8 random ones
+    for stem in stems:
+        _check_emulated_case(stem.with_suffix(""))
+
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _check_emulated_case(stem: Path):
+    """One case written by test_emulated (harness.h dump_case) by the 2x-eager rule."""
+    spec_line, sizes_line = stem.with_suffix(".txt").read_text().splitlines()
+    layout = WindowLayout.from_spec([int(x) for x in spec_line.split()[1:]])
+    B, H, D, dtype_name, scale = sizes_line.split()
+    B, H, D, dtype, scale = int(B), int(H), int(D), _DTYPES[dtype_name], float(scale)
+    Q, S, N = layout.total_queries, layout.num_scales, layout.num_patches
+    shapes = {"q": (B, Q, H, D), "k": (B, S, N, H, D), "v": (B, S, N, H, D), "grad_out": (B, Q, H, D),
+              "out": (B, Q, H, D), "lse": (B, H, Q), "dq": (B, Q, H, D), "dk": (B, S, N, H, D),
+              "dv": (B, S, N, H, D)}
+    flat = torch.from_file(str(stem.with_suffix(".bin")), size=sum(math.prod(s) for s in shapes.values()),
+                           dtype=torch.float32)
+    arrays, at = {}, 0
+    for name, shape in shapes.items():
+        n = math.prod(shape)
+        arrays[name] = flat[at:at + n].reshape(shape)
+        at += n
+    case = f"{stem.name}: {layout} B={B} H={H} D={D} {dtype_name}"
+    atol = ATOL[dtype]
+    inputs = [arrays[n].to(dtype) for n in ("q", "k", "v")]
+    assert all(torch.equal(x.float(), arrays[n]) for x, n in zip(inputs, "qkv")), case  # values of the dtype
+    leaves64 = [x.double().requires_grad_() for x in inputs]
+    leaves_e = [x.clone().requires_grad_() for x in inputs]
+    ref = reference_attention(*leaves64, layout, scale)
+    eager = reference.window_attention(*leaves_e, layout, scale)
+    g = arrays["grad_out"].to(dtype)
+    grads64 = torch.autograd.grad(ref, leaves64, g.double())
+    grads_e = torch.autograd.grad(eager, leaves_e, g)
+    for name, want, e in zip(("out", "dq", "dk", "dv"), (ref, *grads64), (eager, *grads_e)):
+        assert_within_eager_error(f"{case}: {name}", arrays[name], want.detach(), e.detach(), atol)
+    lse_ref = reference_lse(*inputs[:2], layout, scale)
+    lse_err = (arrays["lse"].double() - lse_ref).abs().max().item()
+    assert lse_err <= 1e-5 * max(1.0, lse_ref.abs().max().item()), f"{case}: lse max error {lse_err:.3e}"
 
 
 # ---- GPU ----------------------------------------------------------------------------------------

@@ -397,13 +397,38 @@ inline std::vector<float> decode(DType dt, const std::vector<uint8_t>& bytes, si
   return r;
 }
 
+// ---- a case's inputs and results, for a check outside C++ ------------------------------------------
+// <stem>.txt: "spec <ints>", "B H D <dtype> scale" lines; <stem>.bin: float32 arrays in this order, each
+// row-major (logical values): q (B,Q,H,D), k, v (B,S,N,H,D), grad_out (B,Q,H,D), then the kernels'
+// out (B,Q,H,D), lse (B,H,Q), dq, dk, dv. tests/test_cuda.py holds them to the 2x-eager rule.
+inline bool dump_case(const std::string& stem, const Case& c, const HostData& d,
+                      const std::vector<std::vector<float>>& results) {
+  FILE* t = std::fopen((stem + ".txt").c_str(), "w");
+  if (!t) return false;
+  std::fprintf(t, "spec");
+  for (int64_t x : c.spec) std::fprintf(t, " %lld", static_cast<long long>(x));
+  std::fprintf(t, "\n%d %d %d %s %.9g\n", c.B, c.H, c.D, cos_kernels::dtype_name(c.dt), static_cast<double>(c.scale));
+  std::fclose(t);
+  FILE* b = std::fopen((stem + ".bin").c_str(), "wb");
+  if (!b) return false;
+  bool ok = true;
+  for (const std::vector<double>* x : {&d.q, &d.k, &d.v, &d.dout}) {
+    const std::vector<float> f(x->begin(), x->end());
+    ok &= std::fwrite(f.data(), sizeof(float), f.size(), b) == f.size();
+  }
+  for (const auto& r : results) ok &= std::fwrite(r.data(), sizeof(float), r.size(), b) == r.size();
+  return std::fclose(b) == 0 && ok;
+}
+
 // ---- one case through a runner -------------------------------------------------------------------
 // Runner: void* alloc(size_t); void release(void*); void upload(void*, const void*, size_t);
 //         void download(void*, const void*, size_t); void poison(void*, size_t);
 //         bool forward(const FwdParams&, DType, const Plan&); bool backward(const BwdParams&, DType, const Plan&);
 //         const int32_t* tiles(const Plan&)  (the plan's tile table in the runner's memory)
+// dump_stem: where to write the case (dump_case) once it ran, or "" for nowhere.
 template <typename Runner>
-bool run_case(Runner& rt, const Case& c, std::mt19937_64& rng, bool check_backward, bool check_determinism) {
+bool run_case(Runner& rt, const Case& c, std::mt19937_64& rng, bool check_backward, bool check_determinism,
+              const std::string& dump_stem = "") {
   const Plan plan = cos_kernels::make_plan(c.L, c.D, c.dt);
   const std::string plan_err = check_plan(c.L, plan);
   if (!plan_err.empty()) {
@@ -455,12 +480,14 @@ bool run_case(Runner& rt, const Case& c, std::mt19937_64& rng, bool check_backwa
 
   bool ok = rt.forward(fp, c.dt, plan);
   std::vector<uint8_t> out_bytes(n_q * es), lse_bytes(n_lse * 4);
+  std::vector<std::vector<float>> results;  // out, lse, dq, dk, dv as they came back
   if (ok) {
     rt.download(out_bytes.data(), out, out_bytes.size());
     rt.download(lse_bytes.data(), lse, lse_bytes.size());
     const Tolerance tol = tolerance(c.dt);
     ok &= compare("out", c, ref.out, decode(c.dt, out_bytes, n_q), tol);
     ok &= compare("lse", c, ref.lse, decode(DType::kFloat32, lse_bytes, n_lse), Tolerance{2e-6, 1e-5});
+    results = {decode(c.dt, out_bytes, n_q), decode(DType::kFloat32, lse_bytes, n_lse)};
   }
 
   if (ok && check_backward) {
@@ -528,6 +555,7 @@ bool run_case(Runner& rt, const Case& c, std::mt19937_64& rng, bool check_backwa
         ok &= compare("dk", c, ref.dk, decode(c.dt, gk, n_kv), tol);
         ok &= compare("dv", c, ref.dv, decode(c.dt, gv, n_kv), tol);
         first = {gq, gk, gv};
+        for (const auto* g : {&gq, &gk, &gv}) results.push_back(decode(c.dt, *g, g == &gq ? n_q : n_kv));
       } else if (first[0] != gq || first[1] != gk || first[2] != gv) {
         std::printf("FAIL %s: backward is not bitwise deterministic\n", c.describe().c_str());
         ok = false;
@@ -543,6 +571,10 @@ bool run_case(Runner& rt, const Case& c, std::mt19937_64& rng, bool check_backwa
   rt.release(dout);
   rt.release(out);
   rt.release(lse);
+  if (!dump_stem.empty() && results.size() == 5 && !dump_case(dump_stem, c, d, results)) {
+    std::printf("FAIL %s: could not write %s.txt / .bin\n", c.describe().c_str(), dump_stem.c_str());
+    ok = false;
+  }
   return ok;
 }
 

@@ -3,6 +3,8 @@
 // and backward against the float64 loop reference of harness.h. Needs no GPU: CI runs it.
 //
 //   g++ -std=c++20 -O1 -I<cuda>/include csrc/tests/test_emulated.cpp -o test_emulated && ./test_emulated [N] [seed]
+// First the emulated instructions alone (primitives.h). With COS_EMULATION_DUMP=<folder>, every case's
+// inputs and results are also written there (harness.h dump_case) for tests/test_cuda.py's 2x-eager check.
 #include "emulation.h"  // first: defines threadIdx, __syncthreads, __shfl_xor_sync, shared memory
 
 #include <chrono>
@@ -61,6 +63,7 @@ int main(int argc, char** argv) {
   const uint64_t seed = argc > 2 ? std::strtoull(argv[2], nullptr, 10)
                                  : static_cast<uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count());
   const bool large = std::getenv("COS_EMULATION_LARGE") != nullptr;
+  const char* dump = std::getenv("COS_EMULATION_DUMP");
   std::printf("cuda kernel emulation test: seed %llu, %d random cases%s\n", static_cast<unsigned long long>(seed),
               n_random, large ? " (+ full-size presets)" : "");
   std::mt19937_64 rng(seed);
@@ -68,7 +71,8 @@ int main(int argc, char** argv) {
   int failed = !cos_test::check_primitives(rng), total = 1;  // the instructions first, then the kernels
   for (const auto& c : cos_test::standard_cases(rng, n_random, large)) {
     const auto t0 = std::chrono::steady_clock::now();
-    const bool ok = cos_test::run_case(runner, c, rng, /*check_backward=*/true, /*check_determinism=*/false);
+    const std::string stem = dump ? std::string(dump) + "/case_" + std::to_string(total) : std::string();
+    const bool ok = cos_test::run_case(runner, c, rng, /*check_backward=*/true, /*check_determinism=*/false, stem);
     const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
     std::printf("%s %s (%.0f ms)\n", ok ? "ok  " : "FAIL", c.describe().c_str(), ms);
     failed += !ok;
