@@ -79,23 +79,23 @@ __global__ void __launch_bounds__(32, 1) tc_dq_kernel(const BwdParams p) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) dq[n][i] = 0.f;
 
-  tc_zero_smem(smem, static_cast<size_t>(4) * C * RS * sizeof(T), lane);
+  const int ncols = ti.num_win * cb;  // slots holding columns in every chunk
+  tc_zero_unstaged<T, DPAD, RS>(smem, 4, C, ncols, D, lane);
   const T* kbase = static_cast<const T*>(p.k) + b * p.k_stride[0] + ti.scale * p.k_stride[1] + h * p.k_stride[3];
   const T* vbase = static_cast<const T*>(p.v) + b * p.v_stride[0] + ti.scale * p.v_stride[1] + h * p.v_stride[3];
   auto stage = [&](int j0, int u) {
     const int count = imin(cb, ti.cols_per_win - j0);
     T* ks = smem + u * 2 * C * RS;
-    stage_rows<T, RS>(
+    stage_rows<T, DPAD, RS>(
         ks, kbase, p.k_stride[4],
         [&](int w, int jj) { return window_patch(ti, ti.win0 + w, j0 + jj, p.grid_w) * p.k_stride[2]; },
         ti.num_win, cb, count, D, p.kv_async != 0, lane);
-    stage_rows<T, RS>(
+    stage_rows<T, DPAD, RS>(
         ks + C * RS, vbase, p.v_stride[4],
         [&](int w, int jj) { return window_patch(ti, ti.win0 + w, j0 + jj, p.grid_w) * p.v_stride[2]; },
         ti.num_win, cb, count, D, p.kv_async != 0, lane);
   };
 
-  const int ncols = ti.num_win * cb;
   stage(0, 0);
   cp_async_commit();
   for (int j0 = 0, u = 0; j0 < ti.cols_per_win; j0 += cb, u ^= 1) {
@@ -176,7 +176,8 @@ __global__ void __launch_bounds__(32, 1) tc_dkv_kernel(const BwdParams p) {
   // lse * log2(e) and delta of buffer u at stat + u * 2 C and + C.
   const size_t rows_bytes = static_cast<size_t>(4) * C * RS * sizeof(T);
   float* stat = reinterpret_cast<float*>(reinterpret_cast<char*>(smem) + rows_bytes);
-  tc_zero_smem(smem, rows_bytes + 4 * C * sizeof(float), lane);
+  const int ncols = ti.num_win * cb;  // slots holding columns in every chunk
+  tc_zero_unstaged<T, DPAD, RS>(smem, 4, C, ncols, D, lane);
   const T* qbase = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[2];
   const T* dobase = static_cast<const T*>(p.grad_out) + b * p.do_stride[0] + h * p.do_stride[2];
   const float* lse_bh = p.lse + static_cast<int64_t>(tile.bh) * p.total_queries;
@@ -184,10 +185,10 @@ __global__ void __launch_bounds__(32, 1) tc_dkv_kernel(const BwdParams p) {
   auto stage = [&](int j0, int u) {
     const int count = imin(cb, ti.cols_per_win - j0);
     T* qs = smem + u * 2 * C * RS;
-    stage_rows<T, RS>(
+    stage_rows<T, DPAD, RS>(
         qs, qbase, p.q_stride[3], [&](int w, int jj) { return window_query(ti, ti.win0 + w, j0 + jj) * p.q_stride[1]; },
         ti.num_win, cb, count, D, p.q_async != 0, lane);
-    stage_rows<T, RS>(
+    stage_rows<T, DPAD, RS>(
         qs + C * RS, dobase, p.do_stride[3],
         [&](int w, int jj) { return window_query(ti, ti.win0 + w, j0 + jj) * p.do_stride[1]; }, ti.num_win, cb,
         count, D, p.do_async != 0, lane);
@@ -200,7 +201,6 @@ __global__ void __launch_bounds__(32, 1) tc_dkv_kernel(const BwdParams p) {
     }
   };
 
-  const int ncols = ti.num_win * cb;
   stage(0, 0);
   cp_async_commit();
   for (int j0 = 0, u = 0; j0 < ti.cols_per_win; j0 += cb, u ^= 1) {

@@ -92,8 +92,9 @@ COS_DEVICE void load_a_rows(uint32_t (&a)[G][4], const T* lo, const T* hi, int64
 // Block-cooperative (one warp) staging of a chunk: for local window w < num_win and jj < count, row
 // w * cb + jj of dst (row stride RS elements) gets the D elements at src + row_offset(w, jj) (dim
 // stride sd). async: 16-byte cp.async (D % 8 == 0, rows contiguous and aligned), in the caller's
-// group; else plain element copies.
-template <typename T, int RS, typename RowOffset>
+// group; else plain element copies. Rows count..cb-1 of each window (a last, partial chunk) are
+// zeroed: a masked column must still hold finite values, since P = 0 multiplies them.
+template <typename T, int DPAD, int RS, typename RowOffset>
 COS_DEVICE void stage_rows(T* dst, const T* src, int64_t sd, const RowOffset& row_offset, int num_win, int cb,
                            int count, int D, bool async, int lane) {
   if (async) {
@@ -112,12 +113,33 @@ COS_DEVICE void stage_rows(T* dst, const T* src, int64_t sd, const RowOffset& ro
       dst[(w * cb + jj) * RS + d] = src[row_offset(w, jj) + d * sd];
     }
   }
+  const int rest = cb - count, per_row = DPAD / 8;
+  for (int i = lane; i < num_win * rest * per_row; i += 32) {
+    const int row = i / per_row, w = row / rest;
+    store_vec(dst + (w * cb + count + row - w * rest) * RS + (i - row * per_row) * 8, make_float4(0.f, 0.f, 0.f, 0.f));
+  }
 }
 
-// Zeroes `n` bytes of shared memory (n a multiple of 16), then a barrier: padding dims and unused
-// slots stay zero (finite) for the whole kernel.
-COS_DEVICE void tc_zero_smem(void* smem, size_t n, int lane) {
-  for (size_t i = static_cast<size_t>(lane) * 16; i < n; i += 32 * 16) store_vec(static_cast<char*>(smem) + i, make_float4(0.f, 0.f, 0.f, 0.f));
+// Before the first chunk: zeroes what the fragments read but no staging writes, in each of the
+// `regions` operand regions (C rows of RS elements, back to back): the padding dims D..DPAD-1 of rows
+// below ncols16 (ncols rounded up to 16, the rows ldmatrix reads) and rows ncols..ncols16-1 whole.
+// Then a barrier.
+template <typename T, int DPAD, int RS>
+COS_DEVICE void tc_zero_unstaged(T* smem, int regions, int C, int ncols, int D, int lane) {
+  const int ncols16 = (ncols + 15) / 16 * 16;
+  if (D < DPAD) {
+    const int pad = DPAD - D;
+    for (int i = lane; i < regions * ncols16 * pad; i += 32) {
+      const int row = i / pad;  // over all regions
+      smem[(row / ncols16) * C * RS + (row % ncols16) * RS + D + (i - row * pad)] = Elt<T>::from_float(0.f);
+    }
+  }
+  const int extra = ncols16 - ncols, per_row = DPAD / 8;
+  for (int i = lane; i < regions * extra * per_row; i += 32) {
+    const int row = i / per_row;
+    store_vec(smem + (row / extra) * C * RS + (ncols + row % extra) * RS + (i - row * per_row) * 8,
+              make_float4(0.f, 0.f, 0.f, 0.f));
+  }
   __syncthreads();
 }
 

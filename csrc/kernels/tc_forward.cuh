@@ -47,23 +47,23 @@ __global__ void __launch_bounds__(32, 1) tc_forward_kernel(const FwdParams p) {
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
 
   // Shared memory: buffer u holds K at smem + u * 2 C RS, V right after it.
-  tc_zero_smem(smem, static_cast<size_t>(4) * C * RS * sizeof(T), lane);
+  const int ncols = ti.num_win * cb;  // slots holding columns in every chunk
+  tc_zero_unstaged<T, DPAD, RS>(smem, 4, C, ncols, D, lane);
   const T* kbase = static_cast<const T*>(p.k) + b * p.k_stride[0] + ti.scale * p.k_stride[1] + h * p.k_stride[3];
   const T* vbase = static_cast<const T*>(p.v) + b * p.v_stride[0] + ti.scale * p.v_stride[1] + h * p.v_stride[3];
   auto stage = [&](int j0, int u) {
     const int count = imin(cb, ti.cols_per_win - j0);
     T* ks = smem + u * 2 * C * RS;
-    stage_rows<T, RS>(
+    stage_rows<T, DPAD, RS>(
         ks, kbase, p.k_stride[4],
         [&](int w, int jj) { return window_patch(ti, ti.win0 + w, j0 + jj, p.grid_w) * p.k_stride[2]; },
         ti.num_win, cb, count, D, p.kv_async != 0, lane);
-    stage_rows<T, RS>(
+    stage_rows<T, DPAD, RS>(
         ks + C * RS, vbase, p.v_stride[4],
         [&](int w, int jj) { return window_patch(ti, ti.win0 + w, j0 + jj, p.grid_w) * p.v_stride[2]; },
         ti.num_win, cb, count, D, p.kv_async != 0, lane);
   };
 
-  const int ncols = ti.num_win * cb;  // slots holding columns in every chunk
   stage(0, 0);
   cp_async_commit();
   for (int j0 = 0, u = 0; j0 < ti.cols_per_win; j0 += cb, u ^= 1) {
