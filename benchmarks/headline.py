@@ -466,6 +466,26 @@ def kernel_speedups(kernel_rows: list[dict]) -> dict:
     return out
 
 
+def fused_order(kernel_rows: list[dict]) -> dict[str, list[str]]:
+    """dtype name -> the fused backends timed in every case of that dtype, fastest first by the sum of
+    their forward+backward medians: what cos_kernels.ops.AUTO_ORDER should say after this run."""
+    from cos_kernels.ops import AUTO_ORDER
+
+    fused = {name for order in AUTO_ORDER.values() for name in order}
+    out = {}
+    for dtype in dict.fromkeys(r["dtype"] for r in kernel_rows):
+        ok = [r for r in kernel_rows if r["dtype"] == dtype and r["pass"] == "fwdbwd" and r["status"] == "ok"]
+        cases = {r["case"] for r in ok}
+        totals = {}
+        for impl in fused:
+            times = [r["median_ms"] for r in ok if r["impl"] == impl]
+            if times and len(times) == len(cases):
+                totals[impl] = sum(times)
+        if totals:
+            out[dtype] = sorted(totals, key=totals.get)
+    return out
+
+
 def render(entries: list[dict]) -> str:
     """SUMMARY.md from the results lines: stage statuses and times, then each table."""
     out = ["# GPU check", ""]
@@ -497,6 +517,10 @@ def render(entries: list[dict]) -> str:
                         *(_f(x, ".2f") for x in speedups.get((r["case"], r["impl"], r["pass"]), (None, None))),
                         _f(r["max_rel_error"], ".2g") if r["status"] == "ok" else (r["detail"] or "")[:80]]
                        for r in kernel])
+        order = fused_order(kernel)
+        if order:
+            out += ["", "Fused backends by forward+backward time, summed over the cases (for "
+                        "cos_kernels.ops.AUTO_ORDER): " + "; ".join(f"{d}: {' > '.join(o)}" for d, o in order.items())]
     module = rows(entries, "module")
     if module:
         out += ["", "## Module (forward + backward, median ms; peak memory above the inputs)", ""]

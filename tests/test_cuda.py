@@ -49,7 +49,7 @@ from kernel_cases import (
 from oracle import assert_within_eager_error, random_layout, random_qkv, reference_attention, seeded_rng
 
 from cos_kernels import PRESETS, CoSConfig, WindowLayout, multiscale_window_attention
-from cos_kernels.ops import _FUSED_MODULES, available_backends, reference, resolve_backend
+from cos_kernels.ops import _FUSED_MODULES, AUTO_ORDER, available_backends, reference, resolve_backend
 from cos_kernels.ops import cuda_backend as cb
 from cos_kernels.ops.registry import registered_kernels
 
@@ -69,7 +69,11 @@ def poison_outputs():
 
 # ---- CPU: dispatch, errors, fallback ------------------------------------------------------------
 def test_cuda_is_the_preferred_fused_backend():
-    assert next(iter(_FUSED_MODULES)) == "cuda"
+    """Until a GPU run has timed both fused backends, "auto" prefers cuda in every dtype (the reasons
+    are beside cos_kernels.ops.AUTO_ORDER)."""
+    assert set(AUTO_ORDER) == {torch.float32, torch.float16, torch.bfloat16}
+    assert all(order == ("cuda", "triton") for order in AUTO_ORDER.values())
+    assert set(_FUSED_MODULES) == {"cuda", "triton"}
     assert cb.CUDA_KERNEL.name == "cuda" and registered_kernels()["cuda"] is cb.CUDA_KERNEL
     assert set(cb.CUDA_KERNEL.dtypes) == {torch.float32, torch.float16, torch.bfloat16}
     assert cb.CUDA_KERNEL.head_dims == range(16, 129)
@@ -130,6 +134,20 @@ def test_auto_falls_back_without_extension():
     )
     assert res.returncode == 0, res.stderr + res.stdout
     assert "OK cpu torch" in res.stdout, res.stdout
+
+
+def test_auto_follows_the_order_of_the_inputs_dtype(monkeypatch):
+    """resolve_backend("auto", cuda, dtype) takes the first runnable backend of AUTO_ORDER[dtype]
+    (every backend made runnable here, so the order alone decides)."""
+    import cos_kernels.ops as ops
+
+    monkeypatch.setattr(ops, "_unavailable_reason", lambda name, device: None)
+    monkeypatch.setitem(ops.AUTO_ORDER, torch.float16, ("triton", "cuda"))
+    assert available_backends("cuda", torch.float16) == ["triton", "cuda", "torch"]
+    assert resolve_backend("auto", "cuda", torch.float16) == "triton"
+    assert resolve_backend("auto", "cuda", torch.bfloat16) == "cuda"
+    assert resolve_backend("auto", "cuda") == "cuda"  # no dtype: bf16's order
+    assert resolve_backend("auto", "cpu", torch.float16) == "torch"
 
 
 def test_unavailable_reason_names_the_problem():
@@ -337,10 +355,17 @@ def test_gpu_input_errors_are_clear():
 @needs_gpu
 @needs_extension
 def test_gpu_plan_summary():
-    s = cb.extension().plan_summary(list(CoSConfig.from_preset("cos-80").layout.to_spec()), 64)
-    assert s["threads_per_row"] == 4 and s["padded_head_dim"] == 64
+    spec = list(CoSConfig.from_preset("cos-80").layout.to_spec())
+    s = cb.extension().plan_summary(spec, 64)  # fp32: CUDA cores
+    assert not s["tensor_cores"] and s["threads_per_row"] == 4 and s["padded_head_dim"] == 64
     assert s["q_threads"] % 32 == 0 and s["k_threads"] % 32 == 0
     assert s["q_tiles"] >= 2 and s["k_tiles"] >= 2
+    t = cb.extension().plan_summary(spec, 64, "bfloat16")  # one warp per 16-row tile
+    assert t["tensor_cores"] and t["q_threads"] == t["k_threads"] == 32
+    assert t["q_rows_per_block"] == t["k_rows_per_block"] == 16
+    assert t["q_tiles"] == 1 + 4 and t["k_tiles"] == 16 + 16  # cos-80: 16 + 4x4-packed queries; 256 + 16x16 keys
+    with pytest.raises(RuntimeError, match="dtype must be"):
+        cb.extension().plan_summary(spec, 64, "float64")
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=DTYPE_IDS)

@@ -89,3 +89,20 @@ def test_schema_check_catches_a_missing_column_and_an_empty_stage(tmp_path):
         f.write('{"stage": "kernel", "row": {"cut')  # a line cut by a kill is skipped, the rest read
     assert len(headline.read(path)) == 3
     json.dumps(headline.read(path))
+
+
+def test_fused_order_ranks_the_fused_backends_per_dtype():
+    """SUMMARY.md's order for cos_kernels.ops.AUTO_ORDER: per dtype, the fused backends timed in every
+    case, fastest first by summed forward+backward medians; peers, other passes, failures and a
+    backend missing a case are left out."""
+    def r(case, impl, pass_, ms, dtype="bf16", status="ok"):
+        return headline.row("kernel", case=case, impl=impl, dtype=dtype, status=status, median_ms=ms,
+                            **{"pass": pass_})
+
+    rows = [r("a", "cuda", "fwdbwd", 1.0), r("b", "cuda", "fwdbwd", 5.0), r("a", "triton", "fwdbwd", 2.0),
+            r("b", "triton", "fwdbwd", 3.0), r("a", "torch", "fwdbwd", 0.1), r("a", "cuda", "fwd", 9.0),
+            r("a", "triton", "fwdbwd", 0.5, dtype="fp16"), r("b", "triton", "fwdbwd", 0.5, dtype="fp16"),
+            r("a", "cuda", "fwdbwd", 0.1, dtype="fp16"), r("b", "cuda", "fwdbwd", None, dtype="fp16", status="failed")]
+    assert headline.fused_order(rows) == {"bf16": ["triton", "cuda"], "fp16": ["triton"]}
+    text = headline.render([{"stage": "kernel", "row": x} for x in rows])
+    assert "bf16: triton > cuda; fp16: triton" in text

@@ -19,12 +19,27 @@ from ..layout import WindowLayout
 from . import reference
 from .registry import get_kernel, registered_kernels
 
-__all__ = ["multiscale_window_attention", "available_backends", "resolve_backend", "BACKENDS"]
+__all__ = ["multiscale_window_attention", "available_backends", "resolve_backend", "BACKENDS", "AUTO_ORDER"]
 
-# Fused backends, most preferred first: name -> module that registers it on import.
-# The CUDA backend, once built, goes first (order of preference: cuda > triton).
+# Fused backends: name -> module that registers it on import.
 _FUSED_MODULES: dict[str, str] = {"cuda": ".cuda_backend", "triton": ".triton_backend"}
 BACKENDS = ("auto", "torch", *_FUSED_MODULES)
+
+# backend="auto": the fused backends per dtype, most preferred first (the first that can run wins,
+# torch after them). It follows the last GPU run that timed both side by side: its kernel table's
+# forward+backward medians at the presets (benchmarks.headline.fused_order, in that run's
+# SUMMARY.md). No GPU run has timed them yet, so the order is reasoned, not measured: cuda first in
+# every dtype. fp16 / bf16: both run 16-row tensor-core tiles over K/V read in place, with the same
+# tiling of windows; the CUDA kernels launch from C++ with a plan cached per layout (the Triton
+# launch does its argument work in Python on every call, which counts at the resampler's per-call
+# sizes) and stage K/V in explicitly double-buffered cp.async chunks (csrc/README.md predicts their
+# times). fp32: both are exact (CUDA cores; Triton's "ieee" dots); one order for every dtype until
+# a measurement says otherwise.
+AUTO_ORDER: dict[torch.dtype, tuple[str, ...]] = {
+    torch.float32: ("cuda", "triton"),
+    torch.float16: ("cuda", "triton"),
+    torch.bfloat16: ("cuda", "triton"),
+}
 _IMPORT_ERRORS: dict[str, str] = {}
 
 # Largest softmax_scale accepted: the kernels scale the logits in float32, where a larger scale
@@ -50,21 +65,24 @@ def _unavailable_reason(name: str, device: torch.device) -> str | None:
     return kernel.unavailable_reason(device)
 
 
-def available_backends(device="cpu") -> list[str]:
-    """Names of the backends that can run on ``device`` (besides "auto"), most preferred first."""
+def available_backends(device="cpu", dtype: torch.dtype | None = None) -> list[str]:
+    """Names of the backends that can run on ``device`` (besides "auto"), most preferred first for
+    ``dtype`` (AUTO_ORDER; bf16's order where dtype is None)."""
     device = torch.device(device)
-    return [n for n in _FUSED_MODULES if _unavailable_reason(n, device) is None] + ["torch"]
+    order = AUTO_ORDER.get(dtype if dtype is not None else torch.bfloat16, tuple(_FUSED_MODULES))
+    return [n for n in order if _unavailable_reason(n, device) is None] + ["torch"]
 
 
-def resolve_backend(backend: str, device) -> str:
-    """The concrete backend ``backend`` stands for on ``device``; raises if it cannot run there."""
+def resolve_backend(backend: str, device, dtype: torch.dtype | None = None) -> str:
+    """The concrete backend ``backend`` stands for on ``device`` (for inputs of ``dtype``: "auto"
+    follows AUTO_ORDER); raises if it cannot run there."""
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
     device = torch.device(device)
     if backend == "auto":
         if device.type != "cuda":
             return "torch"
-        return available_backends(device)[0]
+        return available_backends(device, dtype)[0]
     if backend != "torch":
         reason = _unavailable_reason(backend, device)
         if reason is not None:
@@ -148,7 +166,7 @@ def multiscale_window_attention(
     q, k, v = _autocast_inputs(q, k, v)
     _check_inputs(q, k, v, layout, softmax_scale)
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
-    name = resolve_backend(backend, q.device)
+    name = resolve_backend(backend, q.device, q.dtype)
     if name == "torch":
         return reference.window_attention(q, k, v, layout, scale)
     kernel = get_kernel(name)
