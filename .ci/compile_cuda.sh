@@ -4,7 +4,8 @@
 #      with the flags torch's extension build adds (no implicit half conversions, -O3, line info);
 #   2. csrc/bindings.cpp compiled (not linked) against the installed torch's headers, when torch is
 #      importable (a CPU-only torch lacks one generated CUDA header; a stand-in is supplied);
-#   3. the kernels' own code run on the CPU under csrc/tests/emulation.h against a float64 reference
+#   3. the emulated tensor-core instructions alone, then the kernels' own code run on the CPU under
+#      csrc/tests/emulation.h against a float64 reference
 #      (forward and backward, fixed + random cases; the seed is printed).
 # Environment: CUDA_HOME (else the toolkit of the nvcc on PATH, else /usr/local/cuda: cuda_build.py); COS_CI_EMULATION_CASES (random
 # cases of step 3, default 12); COS_CI_SKIP_BINDINGS=1 / COS_CI_SKIP_EMULATION=1 skip steps 2 / 3.
