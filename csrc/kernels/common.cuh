@@ -256,11 +256,43 @@ COS_DEVICE int window_patch(const TileInfo& t, int w, int j, int grid_w) {
 // Global query index of the j-th query of window w of the tile's scale.
 COS_DEVICE int window_query(const TileInfo& t, int w, int j) { return t.q_offset + w * t.q_per_win + j; }
 
-// Where row `row` (G threads) of this block stands. Launches are tile-major over (tile, batch image,
-// head): block blockIdx.x runs tile blockIdx.x / (B * H) for bh = b * H + h. Row i of the tile
-// belongs to the tile's local window i / rows_per_win, at index row0 + i % rows_per_win inside it (a
-// query of the window for q-tiles, a patch for k-tiles). Rows past the tile's windows are inactive:
-// they compute as window 0 (on zeros) and store nothing.
+// The tile of this block and its (batch image, head): launches are tile-major over (tile, batch
+// image, head): block blockIdx.x runs tile blockIdx.x / (B * H) for bh = b * H + h.
+struct BlockTile {
+  TileInfo t;
+  int b, h, bh;
+};
+
+COS_DEVICE BlockTile block_tile(const int32_t* tiles, int batch, int heads) {
+  BlockTile r;
+  const int BH = batch * heads;
+  const int tile_idx = static_cast<int>(blockIdx.x / BH);
+  r.bh = static_cast<int>(blockIdx.x - static_cast<unsigned>(tile_idx) * BH);
+  r.b = r.bh / heads;
+  r.h = r.bh - r.b * heads;
+  r.t = load_tile(tiles, tile_idx);
+  return r;
+}
+
+// Row `row` of a tile belongs to the tile's local window row / rows_per_win, at index row0 + row %
+// rows_per_win inside it (a query of the window for q-tiles, a patch for k-tiles). Rows past the
+// tile's windows are inactive: they compute as window 0 (on zeros) and store nothing.
+struct RowPlace {
+  bool active;
+  int lw;  // local window of the row (0 where inactive)
+  int j;   // index of the row inside its window
+};
+
+COS_DEVICE RowPlace row_place(const TileInfo& t, int row) {
+  RowPlace r;
+  const int lw_raw = row / t.rows_per_win;
+  r.active = lw_raw < t.num_win;
+  r.lw = r.active ? lw_raw : 0;
+  r.j = t.row0 + row % t.rows_per_win;
+  return r;
+}
+
+// Where row `row` (G threads) of this block stands: its tile, (b, h) and place in the tile.
 struct TileRow {
   TileInfo t;
   int bh, b, h;
@@ -270,18 +302,9 @@ struct TileRow {
 };
 
 COS_DEVICE TileRow tile_row(const int32_t* tiles, int batch, int heads, int row) {
-  TileRow r;
-  const int BH = batch * heads;
-  const int tile_idx = static_cast<int>(blockIdx.x / BH);
-  r.bh = static_cast<int>(blockIdx.x - static_cast<unsigned>(tile_idx) * BH);
-  r.b = r.bh / heads;
-  r.h = r.bh - r.b * heads;
-  r.t = load_tile(tiles, tile_idx);
-  const int lw_raw = row / r.t.rows_per_win;
-  r.active = lw_raw < r.t.num_win;
-  r.lw = r.active ? lw_raw : 0;
-  r.j = r.t.row0 + row % r.t.rows_per_win;
-  return r;
+  const BlockTile bt = block_tile(tiles, batch, heads);
+  const RowPlace rp = row_place(bt.t, row);
+  return TileRow{bt.t, bt.bh, bt.b, bt.h, rp.active, rp.lw, rp.j};
 }
 
 // Block-cooperative copy of a chunk of rows into shared memory as floats:

@@ -25,36 +25,28 @@ __global__ void __launch_bounds__(32, 1) tc_dq_kernel(const BwdParams p) {
   COS_DYNAMIC_SMEM(smem_f);
   T* smem = reinterpret_cast<T*>(smem_f);
   const int lane = threadIdx.x, g = lane / 4, t = lane % 4;
-  const TcTile tile = tc_tile(p.q_tiles, p.batch, p.heads);
+  const BlockTile tile = block_tile(p.q_tiles, p.batch, p.heads);
   const TileInfo& ti = tile.t;
   const int b = tile.b, h = tile.h, D = p.head_dim;
   const int C = p.q_col_slots, cb = ti.cols_per_chunk;
 
-  TcRow row[2] = {tc_row(ti, g), tc_row(ti, g + 8)};
+  // This lane's two rows: queries of the tile (row g and g + 8).
+  const RowPlace row[2] = {row_place(ti, g), row_place(ti, g + 8)};
   const int lw[2] = {row[0].lw, row[1].lw};
-  int qi[2];
-  const T *qrow[2], *dorow[2], *orow[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    qi[r] = window_query(ti, ti.win0 + row[r].lw, row[r].j);
-    const bool on = row[r].active;
-    qrow[r] = on ? static_cast<const T*>(p.q) + b * p.q_stride[0] + qi[r] * p.q_stride[1] + h * p.q_stride[2]
-                 : nullptr;
-    dorow[r] = on ? static_cast<const T*>(p.grad_out) + b * p.do_stride[0] + qi[r] * p.do_stride[1] +
-                        h * p.do_stride[2]
-                  : nullptr;
-    orow[r] = on ? static_cast<const T*>(p.out) + b * p.o_stride[0] + qi[r] * p.o_stride[1] + h * p.o_stride[2]
-                 : nullptr;
-  }
+  const int qi[2] = {window_query(ti, ti.win0 + lw[0], row[0].j), window_query(ti, ti.win0 + lw[1], row[1].j)};
+  auto load_rows = [&](uint32_t(&a)[G][4], const void* base, const int64_t(&stride)[4]) {  // A fragments
+    load_a_rows<T, G>(a, query_row<T>(base, stride, b, qi[0], h, row[0].active),
+                      query_row<T>(base, stride, b, qi[1], h, row[1].active), stride[3], D, t);
+  };
   uint32_t qa[G][4], doa[G][4];
-  load_a_rows<T, G>(qa, qrow[0], qrow[1], p.q_stride[3], D, t);
-  load_a_rows<T, G>(doa, dorow[0], dorow[1], p.do_stride[3], D, t);
+  load_rows(qa, p.q, p.q_stride);
+  load_rows(doa, p.grad_out, p.do_stride);
 
   // delta = rowsum(dO * O) in fp32 over this lane's fragment dims, then over the row's 4 lanes.
   float delta[2] = {0.f, 0.f}, lse2[2] = {0.f, 0.f};
   {
     uint32_t oa[G][4];
-    load_a_rows<T, G>(oa, orow[0], orow[1], p.o_stride[3], D, t);
+    load_rows(oa, p.out, p.o_stride);
 #pragma unroll
     for (int k = 0; k < G; ++k)
 #pragma unroll
@@ -79,52 +71,34 @@ __global__ void __launch_bounds__(32, 1) tc_dq_kernel(const BwdParams p) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) dq[n][i] = 0.f;
 
+  // Shared memory: buffer u holds K at smem + u * 2 C RS, V right after it.
   const int ncols = ti.num_win * cb;  // slots holding columns in every chunk
   tc_zero_unstaged<T, DPAD, RS>(smem, 4, C, ncols, D, lane);
   const T* kbase = static_cast<const T*>(p.k) + b * p.k_stride[0] + ti.scale * p.k_stride[1] + h * p.k_stride[3];
   const T* vbase = static_cast<const T*>(p.v) + b * p.v_stride[0] + ti.scale * p.v_stride[1] + h * p.v_stride[3];
-  auto stage = [&](int j0, int u) {
-    const int count = imin(cb, ti.cols_per_win - j0);
-    T* ks = smem + u * 2 * C * RS;
-    stage_rows<T, DPAD, RS>(
-        ks, kbase, p.k_stride[4],
-        [&](int w, int jj) { return window_patch(ti, ti.win0 + w, j0 + jj, p.grid_w) * p.k_stride[2]; },
-        ti.num_win, cb, count, D, p.kv_async != 0, lane);
-    stage_rows<T, DPAD, RS>(
-        ks + C * RS, vbase, p.v_stride[4],
-        [&](int w, int jj) { return window_patch(ti, ti.win0 + w, j0 + jj, p.grid_w) * p.v_stride[2]; },
-        ti.num_win, cb, count, D, p.kv_async != 0, lane);
-  };
-
-  stage(0, 0);
-  cp_async_commit();
-  for (int j0 = 0, u = 0; j0 < ti.cols_per_win; j0 += cb, u ^= 1) {
-    if (j0 + cb < ti.cols_per_win) stage(j0 + cb, u ^ 1);
-    cp_async_commit();
-    cp_async_wait<1>();
-    __syncthreads();
-    const int count = imin(cb, ti.cols_per_win - j0);
-    const T* ks = smem + u * 2 * C * RS;
-    const T* vs = ks + C * RS;
-    for (int col0 = 0; col0 < ncols; col0 += 16) {
-      float s[2][4] = {}, dp[2][4] = {};
-      mma_scores<T, G, RS>(s, qa, ks, col0, lane);
-      mma_scores<T, G, RS>(dp, doa, vs, col0, lane);
+  for_each_chunk(
+      ti, [&](int j0, int u) { stage_kv<T, DPAD, RS>(smem, C, kbase, vbase, p, ti, j0, u, lane); },
+      [&](int u, int, int count) {
+        const T* ks = smem + u * 2 * C * RS;
+        const T* vs = ks + C * RS;
+        for (int col0 = 0; col0 < ncols; col0 += 16) {
+          float s[2][4] = {}, dp[2][4] = {};
+          mma_scores<T, G, RS>(s, qa, ks, col0, lane);
+          mma_scores<T, G, RS>(dp, doa, vs, col0, lane);
 #pragma unroll
-      for (int n = 0; n < 2; ++n)
+          for (int n = 0; n < 2; ++n)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const int r = i >> 1;
-          const float pij = tc_valid(col0, n, i, t, lw, cb, count) ? exp2f(s[n][i] * p.scale_log2 - lse2[r]) : 0.f;
-          s[n][i] = row[r].active ? pij * (dp[n][i] - delta[r]) : 0.f;  // dS
+            for (int i = 0; i < 4; ++i) {
+              const int r = i >> 1;
+              const float pij =
+                  tc_valid(col0, n, i, t, lw, cb, count) ? exp2f(s[n][i] * p.scale_log2 - lse2[r]) : 0.f;
+              s[n][i] = row[r].active ? pij * (dp[n][i] - delta[r]) : 0.f;  // dS
+            }
+          uint32_t da[4];
+          pack_a<T>(da, s[0], s[1]);
+          mma_rows<T, G, RS>(dq, da, ks, col0, lane);
         }
-      uint32_t da[4];
-      pack_a<T>(da, s[0], s[1]);
-      mma_rows<T, G, RS>(dq, da, ks, col0, lane);
-    }
-    __syncthreads();
-  }
-  cp_async_wait<0>();
+      });
 
   T* out_row[2];
 #pragma unroll
@@ -141,13 +115,13 @@ __global__ void __launch_bounds__(32, 1) tc_dkv_kernel(const BwdParams p) {
   COS_DYNAMIC_SMEM(smem_f);
   T* smem = reinterpret_cast<T*>(smem_f);
   const int lane = threadIdx.x, g = lane / 4, t = lane % 4;
-  const TcTile tile = tc_tile(p.k_tiles, p.batch, p.heads);
+  const BlockTile tile = block_tile(p.k_tiles, p.batch, p.heads);
   const TileInfo& ti = tile.t;
   const int b = tile.b, h = tile.h, D = p.head_dim;
   const int C = p.k_col_slots, cb = ti.cols_per_chunk;
 
   // This lane's two rows: keys (patch j of local window lw) of the tile.
-  TcRow row[2] = {tc_row(ti, g), tc_row(ti, g + 8)};
+  const RowPlace row[2] = {row_place(ti, g), row_place(ti, g + 8)};
   const int lw[2] = {row[0].lw, row[1].lw};
   int patch[2];
   const T *krow[2], *vrow[2];
@@ -184,31 +158,22 @@ __global__ void __launch_bounds__(32, 1) tc_dkv_kernel(const BwdParams p) {
   const float* delta_bh = p.delta + static_cast<int64_t>(tile.bh) * p.total_queries;
   auto stage = [&](int j0, int u) {
     const int count = imin(cb, ti.cols_per_win - j0);
+    auto query = [&](int w, int jj) { return window_query(ti, ti.win0 + w, j0 + jj); };
     T* qs = smem + u * 2 * C * RS;
     stage_rows<T, DPAD, RS>(
-        qs, qbase, p.q_stride[3], [&](int w, int jj) { return window_query(ti, ti.win0 + w, j0 + jj) * p.q_stride[1]; },
-        ti.num_win, cb, count, D, p.q_async != 0, lane);
+        qs, qbase, p.q_stride[3], [&](int w, int jj) { return query(w, jj) * p.q_stride[1]; }, ti.num_win, cb,
+        count, D, p.q_async != 0, lane);
     stage_rows<T, DPAD, RS>(
-        qs + C * RS, dobase, p.do_stride[3],
-        [&](int w, int jj) { return window_query(ti, ti.win0 + w, j0 + jj) * p.do_stride[1]; }, ti.num_win, cb,
-        count, D, p.do_async != 0, lane);
+        qs + C * RS, dobase, p.do_stride[3], [&](int w, int jj) { return query(w, jj) * p.do_stride[1]; },
+        ti.num_win, cb, count, D, p.do_async != 0, lane);
     float* l2s = stat + u * 2 * C;
     for (int i = lane; i < ti.num_win * count; i += 32) {
       const int w = i / count, jj = i - w * count;
-      const int qi = window_query(ti, ti.win0 + w, j0 + jj);
-      l2s[w * cb + jj] = lse_bh[qi] * kLog2e;
-      l2s[C + w * cb + jj] = delta_bh[qi];
+      l2s[w * cb + jj] = lse_bh[query(w, jj)] * kLog2e;
+      l2s[C + w * cb + jj] = delta_bh[query(w, jj)];
     }
   };
-
-  stage(0, 0);
-  cp_async_commit();
-  for (int j0 = 0, u = 0; j0 < ti.cols_per_win; j0 += cb, u ^= 1) {
-    if (j0 + cb < ti.cols_per_win) stage(j0 + cb, u ^ 1);
-    cp_async_commit();
-    cp_async_wait<1>();
-    __syncthreads();
-    const int count = imin(cb, ti.cols_per_win - j0);
+  for_each_chunk(ti, stage, [&](int u, int, int count) {
     const T* qs = smem + u * 2 * C * RS;
     const T* dos = qs + C * RS;
     const float* l2s = stat + u * 2 * C;
@@ -223,7 +188,7 @@ __global__ void __launch_bounds__(32, 1) tc_dkv_kernel(const BwdParams p) {
           const int c = col0 + 8 * n + 2 * t + (i & 1);
           const bool valid = row[i >> 1].active && tc_valid(col0, n, i, t, lw, cb, count);
           const float pij = valid ? exp2f(s[n][i] * p.scale_log2 - l2s[c]) : 0.f;
-          s[n][i] = pij;                                          // P^T
+          s[n][i] = pij;                                             // P^T
           dpt[n][i] = valid ? pij * (dpt[n][i] - l2s[C + c]) : 0.f;  // dS^T
         }
       uint32_t pa[4], da[4];
@@ -232,9 +197,7 @@ __global__ void __launch_bounds__(32, 1) tc_dkv_kernel(const BwdParams p) {
       mma_rows<T, G, RS>(dv, pa, dos, col0, lane);
       mma_rows<T, G, RS>(dk, da, qs, col0, lane);
     }
-    __syncthreads();
-  }
-  cp_async_wait<0>();
+  });
 
   T *dk_row[2], *dv_row[2];
 #pragma unroll

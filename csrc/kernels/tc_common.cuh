@@ -39,37 +39,10 @@ COS_DEVICE float unpack_hi(uint32_t pair) {
   return unpack_lo<T>(pair >> 16);
 }
 
-// The tile of this block and its (batch image, head): launches are tile-major over (tile, b, h).
-struct TcTile {
-  TileInfo t;
-  int b, h, bh;
-};
-
-COS_DEVICE TcTile tc_tile(const int32_t* tiles, int batch, int heads) {
-  TcTile r;
-  const int BH = batch * heads;
-  const int tile_idx = static_cast<int>(blockIdx.x / BH);
-  r.bh = static_cast<int>(blockIdx.x - static_cast<unsigned>(tile_idx) * BH);
-  r.b = r.bh / heads;
-  r.h = r.bh - r.b * heads;
-  r.t = load_tile(tiles, tile_idx);
-  return r;
-}
-
-// Row `row` (0..15) of the tile: its local window and index inside the window. Rows past the tile's
-// windows are inactive: they compute as window 0 on zeros and store nothing.
-struct TcRow {
-  bool active;
-  int lw, j;
-};
-
-COS_DEVICE TcRow tc_row(const TileInfo& t, int row) {
-  TcRow r;
-  const int lw_raw = row / t.rows_per_win;
-  r.active = lw_raw < t.num_win;
-  r.lw = r.active ? lw_raw : 0;
-  r.j = t.row0 + row % t.rows_per_win;
-  return r;
+// Row pointer of query qi of batch image b, head h in a (B, Q, H, D) tensor; null where inactive.
+template <typename T>
+COS_DEVICE const T* query_row(const void* base, const int64_t (&stride)[4], int b, int qi, int h, bool active) {
+  return active ? static_cast<const T*>(base) + b * stride[0] + qi * stride[1] + h * stride[2] : nullptr;
 }
 
 // A fragments (rows g and g + 8, dims k * 16 .. k * 16 + 15 for k < G) of two global rows with dim
@@ -218,6 +191,45 @@ COS_DEVICE void store_c_rows(T* lo, T* hi, const float (&acc)[2 * G][4], float m
       if (d + 1 < D) row[d + 1] = Elt<T>::from_float(acc[n][2 * half + 1] * mul);
     }
   }
+}
+
+// Stages patches j0 .. j0 + count - 1 of each of the tile's windows from K and V (read in place through
+// their strides; kbase, vbase point at (b, scale, 0, h, 0)) into buffer u: K rows at smem + u * 2 C RS,
+// V rows C RS after them. Params: FwdParams or BwdParams.
+template <typename T, int DPAD, int RS, typename Params>
+COS_DEVICE void stage_kv(T* smem, int C, const T* kbase, const T* vbase, const Params& p, const TileInfo& t, int j0,
+                         int u, int lane) {
+  const int count = imin(t.cols_per_chunk, t.cols_per_win - j0);
+  T* ks = smem + u * 2 * C * RS;
+  stage_rows<T, DPAD, RS>(
+      ks, kbase, p.k_stride[4],
+      [&](int w, int jj) { return window_patch(t, t.win0 + w, j0 + jj, p.grid_w) * p.k_stride[2]; }, t.num_win,
+      t.cols_per_chunk, count, p.head_dim, p.kv_async != 0, lane);
+  stage_rows<T, DPAD, RS>(
+      ks + C * RS, vbase, p.v_stride[4],
+      [&](int w, int jj) { return window_patch(t, t.win0 + w, j0 + jj, p.grid_w) * p.v_stride[2]; }, t.num_win,
+      t.cols_per_chunk, count, p.head_dim, p.kv_async != 0, lane);
+}
+
+// The double-buffered walk over a tile's chunks of columns, the same in every kernel:
+// stage(j0, u) issues the copies of the chunk starting at column j0 into buffer u (0 or 1);
+// use(u, j0, count) runs once that chunk has landed, while the next one is in flight. One commit per
+// chunk (possibly empty) keeps cp.async.wait_group 1 right for every chunk; barriers after each wait
+// (every lane's copies visible) and after each use (the buffer is free for the chunk after next).
+template <typename Stage, typename Use>
+COS_DEVICE void for_each_chunk(const TileInfo& t, const Stage& stage, const Use& use) {
+  const int cb = t.cols_per_chunk;
+  stage(0, 0);
+  cp_async_commit();
+  for (int j0 = 0, u = 0; j0 < t.cols_per_win; j0 += cb, u ^= 1) {
+    if (j0 + cb < t.cols_per_win) stage(j0 + cb, u ^ 1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    use(u, j0, imin(cb, t.cols_per_win - j0));
+    __syncthreads();
+  }
+  cp_async_wait<0>();  // the last (empty) group
 }
 
 }  // namespace detail

@@ -19,25 +19,18 @@ __global__ void __launch_bounds__(32, 1) tc_forward_kernel(const FwdParams p) {
   COS_DYNAMIC_SMEM(smem_f);
   T* smem = reinterpret_cast<T*>(smem_f);
   const int lane = threadIdx.x, g = lane / 4, t = lane % 4;
-  const TcTile tile = tc_tile(p.tiles, p.batch, p.heads);
+  const BlockTile tile = block_tile(p.tiles, p.batch, p.heads);
   const TileInfo& ti = tile.t;
   const int b = tile.b, h = tile.h, D = p.head_dim;
   const int C = p.col_slots, cb = ti.cols_per_chunk;
 
   // This lane's two rows: queries of the tile (row g and g + 8).
-  TcRow row[2] = {tc_row(ti, g), tc_row(ti, g + 8)};
+  const RowPlace row[2] = {row_place(ti, g), row_place(ti, g + 8)};
   const int lw[2] = {row[0].lw, row[1].lw};
-  int qi[2];
-  const T* qrow[2];
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    qi[i] = window_query(ti, ti.win0 + row[i].lw, row[i].j);
-    qrow[i] = row[i].active ? static_cast<const T*>(p.q) + b * p.q_stride[0] + qi[i] * p.q_stride[1] +
-                                  h * p.q_stride[2]
-                            : nullptr;
-  }
+  const int qi[2] = {window_query(ti, ti.win0 + lw[0], row[0].j), window_query(ti, ti.win0 + lw[1], row[1].j)};
   uint32_t qa[G][4];
-  load_a_rows<T, G>(qa, qrow[0], qrow[1], p.q_stride[3], D, t);
+  load_a_rows<T, G>(qa, query_row<T>(p.q, p.q_stride, b, qi[0], h, row[0].active),
+                    query_row<T>(p.q, p.q_stride, b, qi[1], h, row[1].active), p.q_stride[3], D, t);
 
   float o[2 * G][4];
 #pragma unroll
@@ -51,91 +44,66 @@ __global__ void __launch_bounds__(32, 1) tc_forward_kernel(const FwdParams p) {
   tc_zero_unstaged<T, DPAD, RS>(smem, 4, C, ncols, D, lane);
   const T* kbase = static_cast<const T*>(p.k) + b * p.k_stride[0] + ti.scale * p.k_stride[1] + h * p.k_stride[3];
   const T* vbase = static_cast<const T*>(p.v) + b * p.v_stride[0] + ti.scale * p.v_stride[1] + h * p.v_stride[3];
-  auto stage = [&](int j0, int u) {
-    const int count = imin(cb, ti.cols_per_win - j0);
-    T* ks = smem + u * 2 * C * RS;
-    stage_rows<T, DPAD, RS>(
-        ks, kbase, p.k_stride[4],
-        [&](int w, int jj) { return window_patch(ti, ti.win0 + w, j0 + jj, p.grid_w) * p.k_stride[2]; },
-        ti.num_win, cb, count, D, p.kv_async != 0, lane);
-    stage_rows<T, DPAD, RS>(
-        ks + C * RS, vbase, p.v_stride[4],
-        [&](int w, int jj) { return window_patch(ti, ti.win0 + w, j0 + jj, p.grid_w) * p.v_stride[2]; },
-        ti.num_win, cb, count, D, p.kv_async != 0, lane);
-  };
-
-  stage(0, 0);
-  cp_async_commit();
-  for (int j0 = 0, u = 0; j0 < ti.cols_per_win; j0 += cb, u ^= 1) {
-    if (j0 + cb < ti.cols_per_win) stage(j0 + cb, u ^ 1);
-    cp_async_commit();  // possibly empty: one group per chunk keeps the wait count fixed
-    cp_async_wait<1>();
-    __syncthreads();  // chunk j0 has landed, every lane's copies
-    const int count = imin(cb, ti.cols_per_win - j0);
-    const T* ks = smem + u * 2 * C * RS;
-    const T* vs = ks + C * RS;
-    for (int col0 = 0; col0 < ncols; col0 += 16) {
-      float s[2][4] = {};
-      mma_scores<T, G, RS>(s, qa, ks, col0, lane);
-      float mx[2] = {-INFINITY, -INFINITY};
+  for_each_chunk(
+      ti, [&](int j0, int u) { stage_kv<T, DPAD, RS>(smem, C, kbase, vbase, p, ti, j0, u, lane); },
+      [&](int u, int, int count) {
+        const T* ks = smem + u * 2 * C * RS;
+        const T* vs = ks + C * RS;
+        for (int col0 = 0; col0 < ncols; col0 += 16) {
+          float s[2][4] = {};
+          mma_scores<T, G, RS>(s, qa, ks, col0, lane);
+          float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-      for (int n = 0; n < 2; ++n)
+          for (int n = 0; n < 2; ++n)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          s[n][i] = tc_valid(col0, n, i, t, lw, cb, count) ? s[n][i] * p.scale_log2 : -INFINITY;
-          mx[i >> 1] = fmaxf(mx[i >> 1], s[n][i]);
+            for (int i = 0; i < 4; ++i) {
+              s[n][i] = tc_valid(col0, n, i, t, lw, cb, count) ? s[n][i] * p.scale_log2 : -INFINITY;
+              mx[i >> 1] = fmaxf(mx[i >> 1], s[n][i]);
+            }
+          float alpha[2], base[2];
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const float m_new = fmaxf(m[r], quad_max(mx[r]));
+            base[r] = m_new == -INFINITY ? 0.f : m_new;  // no column of the row yet: p = 0, nothing to rescale
+            alpha[r] = exp2f(m[r] - base[r]);
+            m[r] = m_new;
+            l[r] *= alpha[r];
+          }
+#pragma unroll
+          for (int n = 0; n < 2 * G; ++n)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) o[n][i] *= alpha[i >> 1];
+#pragma unroll
+          for (int n = 0; n < 2; ++n)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+              s[n][i] = exp2f(s[n][i] - base[i >> 1]);
+              l[i >> 1] += s[n][i];
+            }
+          uint32_t pa[4];
+          pack_a<T>(pa, s[0], s[1]);
+          mma_rows<T, G, RS>(o, pa, vs, col0, lane);
         }
-      float alpha[2], base[2];
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const float m_new = fmaxf(m[r], quad_max(mx[r]));
-        base[r] = m_new == -INFINITY ? 0.f : m_new;  // no column of the row yet: p = 0, nothing to rescale
-        alpha[r] = exp2f(m[r] - base[r]);
-        m[r] = m_new;
-        l[r] *= alpha[r];
-      }
-#pragma unroll
-      for (int n = 0; n < 2 * G; ++n)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) o[n][i] *= alpha[i >> 1];
-#pragma unroll
-      for (int n = 0; n < 2; ++n)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          s[n][i] = exp2f(s[n][i] - base[i >> 1]);
-          l[i >> 1] += s[n][i];
-        }
-      uint32_t pa[4];
-      pack_a<T>(pa, s[0], s[1]);
-      mma_rows<T, G, RS>(o, pa, vs, col0, lane);
-    }
-    __syncthreads();  // buffer u is consumed before chunk j0 + 2 overwrites it
-  }
-  cp_async_wait<0>();  // the last (empty) group
+      });
 
-#pragma unroll
-  for (int r = 0; r < 2; ++r) l[r] = quad_sum(l[r]);
+  // out = O / l (the two rows have their own l), lse = ln(2) (m + log2 l).
   T* orow[2];
 #pragma unroll
-  for (int r = 0; r < 2; ++r)
-    orow[r] = row[r].active
-                  ? static_cast<T*>(p.out) + ((static_cast<int64_t>(b) * p.total_queries + qi[r]) * p.heads + h) * D
-                  : nullptr;
-  // out = O / l: the two rows have different l, so scale row by row.
-#pragma unroll
   for (int r = 0; r < 2; ++r) {
+    l[r] = quad_sum(l[r]);
     const float inv = 1.f / l[r];
 #pragma unroll
     for (int n = 0; n < 2 * G; ++n) {
       o[n][2 * r] *= inv;
       o[n][2 * r + 1] *= inv;
     }
+    orow[r] = row[r].active
+                  ? static_cast<T*>(p.out) + ((static_cast<int64_t>(b) * p.total_queries + qi[r]) * p.heads + h) * D
+                  : nullptr;
+    if (t == 0 && row[r].active)
+      p.lse[static_cast<int64_t>(tile.bh) * p.total_queries + qi[r]] = (m[r] + log2f(l[r])) * kLn2;
   }
   store_c_rows<T, G>(orow[0], orow[1], o, 1.f, D, t);
-  if (t == 0)
-#pragma unroll
-    for (int r = 0; r < 2; ++r)
-      if (row[r].active) p.lse[static_cast<int64_t>(tile.bh) * p.total_queries + qi[r]] = (m[r] + log2f(l[r])) * kLn2;
 }
 
 }  // namespace detail
