@@ -177,7 +177,8 @@ COS_DEVICE float quad_max(float x) {
 }
 
 // Stores C fragments acc (16 rows x 16 G dims) * mul: row g to lo, row g + 8 to hi (contiguous rows of
-// D elements; a null row is skipped), dims >= D dropped.
+// D elements, 4-byte aligned; a null row is skipped), dims >= D dropped. Even D: one 4-byte store per
+// element pair.
 template <typename T, int G>
 COS_DEVICE void store_c_rows(T* lo, T* hi, const float (&acc)[2 * G][4], float mul, int D, int t) {
 #pragma unroll
@@ -186,9 +187,14 @@ COS_DEVICE void store_c_rows(T* lo, T* hi, const float (&acc)[2 * G][4], float m
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       T* row = half ? hi : lo;
-      if (!row) continue;
-      if (d < D) row[d] = Elt<T>::from_float(acc[n][2 * half] * mul);
-      if (d + 1 < D) row[d + 1] = Elt<T>::from_float(acc[n][2 * half + 1] * mul);
+      if (!row || d >= D) continue;
+      const float x = acc[n][2 * half] * mul, y = acc[n][2 * half + 1] * mul;
+      if (D % 2 == 0) {
+        store_vec(row + d, pack2<T>(x, y));
+      } else {
+        row[d] = Elt<T>::from_float(x);
+        if (d + 1 < D) row[d + 1] = Elt<T>::from_float(y);
+      }
     }
   }
 }
