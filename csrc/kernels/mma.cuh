@@ -125,7 +125,7 @@ COS_DEVICE void cp_async_commit() {
 template <int N>
 COS_DEVICE void cp_async_wait() {
 #if defined(__CUDA_ARCH__)
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");  // the copies' bytes are now shared memory
 #elif !defined(__CUDACC__)
   ::cos_emu::cp_async_wait(N);
 #endif
