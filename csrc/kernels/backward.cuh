@@ -44,15 +44,14 @@ __global__ void __launch_bounds__(kMaxThreads) window_attention_dq_kernel(const 
   const int D = p.head_dim;
 
   const int qi = window_query(t, t.win0 + lw, r.j);
-  const int64_t lse_idx = static_cast<int64_t>(r.bh) * p.total_queries + qi;
+  const int64_t lse_idx = stat_index(p, r.bh, qi);
 
   float qr[kDimsPerThread], dor[kDimsPerThread], dq[kDimsPerThread];
   float partial = 0.f, lse2 = 0.f;
   if (active) {
-    const T* qrow = static_cast<const T*>(p.q) + b * p.q_stride[0] + qi * p.q_stride[1] + h * p.q_stride[2];
-    const T* orow = static_cast<const T*>(p.out) + b * p.o_stride[0] + qi * p.o_stride[1] + h * p.o_stride[2];
-    const T* dorow =
-        static_cast<const T*>(p.grad_out) + b * p.do_stride[0] + qi * p.do_stride[1] + h * p.do_stride[2];
+    const T* qrow = query_row<T>(p.q, p.q_stride, b, qi, h, true);
+    const T* orow = query_row<T>(p.out, p.o_stride, b, qi, h, true);
+    const T* dorow = query_row<T>(p.grad_out, p.do_stride, b, qi, h, true);
     load_slice<T, G>(qr, qrow, p.q_stride[3], D, g, p.q_vec != 0, p.scale_log2);
     load_slice<T, G>(dor, dorow, p.do_stride[3], D, g, p.do_vec != 0, 1.f);
     load_slice<T, G>(dq, orow, p.o_stride[3], D, g, p.o_vec != 0, 1.f);  // dq holds O for a moment
@@ -72,8 +71,8 @@ __global__ void __launch_bounds__(kMaxThreads) window_attention_dq_kernel(const 
   float* vs = smem + p.q_col_slots * DPAD;
   zero_padding<DPAD>(smem, 2 * p.q_col_slots, D, tid, nthreads);
 
-  const T* kbase = static_cast<const T*>(p.k) + b * p.k_stride[0] + t.scale * p.k_stride[1] + h * p.k_stride[3];
-  const T* vbase = static_cast<const T*>(p.v) + b * p.v_stride[0] + t.scale * p.v_stride[1] + h * p.v_stride[3];
+  const T* kbase = kv_head<T>(p.k, p.k_stride, b, t.scale, h);
+  const T* vbase = kv_head<T>(p.v, p.v_stride, b, t.scale, h);
   const int cb = t.cols_per_chunk;
   const float* krow0 = ks + lw * cb * DPAD;
   const float* vrow0 = vs + lw * cb * DPAD;
@@ -99,8 +98,7 @@ __global__ void __launch_bounds__(kMaxThreads) window_attention_dq_kernel(const 
   }
 
   if (active) {
-    const int64_t orow = (static_cast<int64_t>(b) * p.total_queries + qi) * p.heads + h;
-    store_slice<T, G>(static_cast<T*>(p.dq) + orow * D, dq, D, g, p.dq_vec != 0, p.scale);
+    store_slice<T, G>(static_cast<T*>(p.dq) + out_row(p, b, qi, h) * D, dq, D, g, p.dq_vec != 0, p.scale);
   }
 }
 
@@ -121,10 +119,8 @@ __global__ void __launch_bounds__(kMaxThreads) window_attention_dkv_kernel(const
 
   float kr[kDimsPerThread], vr[kDimsPerThread], dk[kDimsPerThread], dv[kDimsPerThread];
   if (active) {
-    const T* krow = static_cast<const T*>(p.k) + b * p.k_stride[0] + t.scale * p.k_stride[1] +
-                    patch * p.k_stride[2] + h * p.k_stride[3];
-    const T* vrow = static_cast<const T*>(p.v) + b * p.v_stride[0] + t.scale * p.v_stride[1] +
-                    patch * p.v_stride[2] + h * p.v_stride[3];
+    const T* krow = kv_head<T>(p.k, p.k_stride, b, t.scale, h) + patch * p.k_stride[2];
+    const T* vrow = kv_head<T>(p.v, p.v_stride, b, t.scale, h) + patch * p.v_stride[2];
     load_slice<T, G>(kr, krow, p.k_stride[4], D, g, p.kv_vec != 0, p.scale_log2);
     load_slice<T, G>(vr, vrow, p.v_stride[4], D, g, p.kv_vec != 0, 1.f);
   } else {
@@ -141,10 +137,10 @@ __global__ void __launch_bounds__(kMaxThreads) window_attention_dkv_kernel(const
   float* dls = l2s + slots;
   zero_padding<DPAD>(smem, 2 * slots, D, tid, nthreads);
 
-  const T* qbase = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[2];
-  const T* dobase = static_cast<const T*>(p.grad_out) + b * p.do_stride[0] + h * p.do_stride[2];
-  const float* lse_bh = p.lse + static_cast<int64_t>(r.bh) * p.total_queries;
-  const float* delta_bh = p.delta + static_cast<int64_t>(r.bh) * p.total_queries;
+  const T* qbase = query_row<T>(p.q, p.q_stride, b, 0, h, true);
+  const T* dobase = query_row<T>(p.grad_out, p.do_stride, b, 0, h, true);
+  const float* lse_bh = p.lse + stat_index(p, r.bh, 0);
+  const float* delta_bh = p.delta + stat_index(p, r.bh, 0);
   const int cb = t.cols_per_chunk;
   const float* qrow0 = qs + lw * cb * DPAD;
   const float* dorow0 = dos + lw * cb * DPAD;

@@ -307,6 +307,33 @@ COS_DEVICE TileRow tile_row(const int32_t* tiles, int batch, int heads, int row)
   return TileRow{bt.t, bt.bh, bt.b, bt.h, rp.active, rp.lw, rp.j};
 }
 
+// Row pointer of query qi of batch image b, head h in a (B, Q, H, D) tensor (q, out, grad_out);
+// null where inactive.
+template <typename T>
+COS_DEVICE const T* query_row(const void* base, const int64_t (&stride)[4], int b, int qi, int h, bool active) {
+  return active ? static_cast<const T*>(base) + b * stride[0] + qi * stride[1] + h * stride[2] : nullptr;
+}
+
+// Pointer at (b, scale, patch 0, h, dim 0) of a (B, S, N, H, D) tensor (k, v); patch n's row is
+// n * stride[2] elements further.
+template <typename T>
+COS_DEVICE const T* kv_head(const void* base, const int64_t (&stride)[5], int b, int scale, int h) {
+  return static_cast<const T*>(base) + b * stride[0] + scale * stride[1] + h * stride[3];
+}
+
+// Row index (int64) of query qi, head h of image b in the contiguous (B, Q, H, D) outputs out and dq.
+// Params: FwdParams or BwdParams.
+template <typename Params>
+COS_DEVICE int64_t out_row(const Params& p, int b, int qi, int h) {
+  return (static_cast<int64_t>(b) * p.total_queries + qi) * p.heads + h;
+}
+
+// Index (int64) of query qi of (image, head) bh = b * H + h in the (B * H, Q) fp32 lse and delta.
+template <typename Params>
+COS_DEVICE int64_t stat_index(const Params& p, int bh, int qi) {
+  return static_cast<int64_t>(bh) * p.total_queries + qi;
+}
+
 // Block-cooperative copy of a chunk of rows into shared memory as floats:
 // for lw < num_win, jj < count: dst[(lw * slot_stride + jj) * DPAD + d] = src[row_offset(lw, jj) + d * sd]
 // for d < head_dim (dims head_dim..DPAD-1 are left as they are: zeroed once by the caller).

@@ -29,9 +29,8 @@ __global__ void __launch_bounds__(kMaxThreads) window_attention_forward_kernel(c
 
   float qr[kDimsPerThread], acc[kDimsPerThread];
   {
-    const T* qrow = static_cast<const T*>(p.q) + b * p.q_stride[0] + qi * p.q_stride[1] + h * p.q_stride[2];
     if (active) {
-      load_slice<T, G>(qr, qrow, p.q_stride[3], D, g, p.q_vec != 0, p.scale_log2);
+      load_slice<T, G>(qr, query_row<T>(p.q, p.q_stride, b, qi, h, true), p.q_stride[3], D, g, p.q_vec != 0, p.scale_log2);
     } else {
 #pragma unroll
       for (int i = 0; i < kDimsPerThread; ++i) qr[i] = 0.f;
@@ -45,8 +44,8 @@ __global__ void __launch_bounds__(kMaxThreads) window_attention_forward_kernel(c
   float* vs = smem + p.col_slots * DPAD;
   zero_padding<DPAD>(smem, 2 * p.col_slots, D, tid, nthreads);
 
-  const T* kbase = static_cast<const T*>(p.k) + b * p.k_stride[0] + t.scale * p.k_stride[1] + h * p.k_stride[3];
-  const T* vbase = static_cast<const T*>(p.v) + b * p.v_stride[0] + t.scale * p.v_stride[1] + h * p.v_stride[3];
+  const T* kbase = kv_head<T>(p.k, p.k_stride, b, t.scale, h);
+  const T* vbase = kv_head<T>(p.v, p.v_stride, b, t.scale, h);
   const int cb = t.cols_per_chunk;
   const float* krow0 = ks + lw * cb * DPAD;
   const float* vrow0 = vs + lw * cb * DPAD;
@@ -84,9 +83,8 @@ __global__ void __launch_bounds__(kMaxThreads) window_attention_forward_kernel(c
   }
 
   if (active) {
-    const int64_t orow = (static_cast<int64_t>(b) * p.total_queries + qi) * p.heads + h;
-    store_slice<T, G>(static_cast<T*>(p.out) + orow * D, acc, D, g, p.out_vec != 0, 1.f / l);
-    if (g == 0) p.lse[static_cast<int64_t>(r.bh) * p.total_queries + qi] = (m + log2f(l)) * kLn2;
+    store_slice<T, G>(static_cast<T*>(p.out) + out_row(p, b, qi, h) * D, acc, D, g, p.out_vec != 0, 1.f / l);
+    if (g == 0) p.lse[stat_index(p, r.bh, qi)] = (m + log2f(l)) * kLn2;
   }
 }
 

@@ -59,54 +59,41 @@ __global__ void __launch_bounds__(32, 1) tc_dq_kernel(const BwdParams p) {
   for (int r = 0; r < 2; ++r) {
     delta[r] = quad_sum(delta[r]);
     if (row[r].active) {
-      const int64_t at = static_cast<int64_t>(tile.bh) * p.total_queries + qi[r];
+      const int64_t at = stat_index(p, tile.bh, qi[r]);
       lse2[r] = p.lse[at] * kLog2e;
       if (t == 0) p.delta[at] = delta[r];
     }
   }
 
   float dq[2 * G][4];
-#pragma unroll
-  for (int n = 0; n < 2 * G; ++n)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) dq[n][i] = 0.f;
+  zero_frags(dq);
 
-  // Shared memory: buffer u holds K at smem + u * 2 C RS, V right after it.
   const int ncols = ti.num_win * cb;  // slots holding columns in every chunk
-  tc_zero_unstaged<T, DPAD, RS>(smem, 4, C, ncols, D, lane);
-  const T* kbase = static_cast<const T*>(p.k) + b * p.k_stride[0] + ti.scale * p.k_stride[1] + h * p.k_stride[3];
-  const T* vbase = static_cast<const T*>(p.v) + b * p.v_stride[0] + ti.scale * p.v_stride[1] + h * p.v_stride[3];
-  for_each_chunk(
-      ti, [&](int j0, int u) { stage_kv<T, DPAD, RS>(smem, C, kbase, vbase, p, ti, j0, u, lane); },
-      [&](int u, int, int count) {
-        const T* ks = smem + u * 2 * C * RS;
-        const T* vs = ks + C * RS;
-        for (int col0 = 0; col0 < ncols; col0 += 16) {
-          float s[2][4] = {}, dp[2][4] = {};
-          mma_scores<T, G, RS>(s, qa, ks, col0, lane);
-          mma_scores<T, G, RS>(dp, doa, vs, col0, lane);
+  for_each_kv_chunk<T, DPAD, RS>(smem, C, ncols, p, tile, lane, [&](const T* ks, const T* vs, int count) {
+    for (int col0 = 0; col0 < ncols; col0 += 16) {
+      float s[2][4] = {}, dp[2][4] = {};
+      mma_scores<T, G, RS>(s, qa, ks, col0, lane);
+      mma_scores<T, G, RS>(dp, doa, vs, col0, lane);
 #pragma unroll
-          for (int n = 0; n < 2; ++n)
+      for (int n = 0; n < 2; ++n)
 #pragma unroll
-            for (int i = 0; i < 4; ++i) {
-              const int r = i >> 1;
-              const float pij =
-                  tc_valid(col0, n, i, t, lw, cb, count) ? exp2f(s[n][i] * p.scale_log2 - lse2[r]) : 0.f;
-              s[n][i] = row[r].active ? pij * (dp[n][i] - delta[r]) : 0.f;  // dS
-            }
-          uint32_t da[4];
-          pack_a<T>(da, s[0], s[1]);
-          mma_rows<T, G, RS>(dq, da, ks, col0, lane);
+        for (int i = 0; i < 4; ++i) {
+          const int r = i >> 1;
+          const float pij =
+              tc_valid(col0, n, i, t, lw, cb, count) ? exp2f(s[n][i] * p.scale_log2 - lse2[r]) : 0.f;
+          s[n][i] = row[r].active ? pij * (dp[n][i] - delta[r]) : 0.f;  // dS
         }
-      });
+      uint32_t da[4];
+      pack_a<T>(da, s[0], s[1]);
+      mma_rows<T, G, RS>(dq, da, ks, col0, lane);
+    }
+  });
 
-  T* out_row[2];
+  T* dq_row[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r)
-    out_row[r] = row[r].active
-                     ? static_cast<T*>(p.dq) + ((static_cast<int64_t>(b) * p.total_queries + qi[r]) * p.heads + h) * D
-                     : nullptr;
-  store_c_rows<T, G>(out_row[0], out_row[1], dq, p.scale, D, t);
+    dq_row[r] = row[r].active ? static_cast<T*>(p.dq) + out_row(p, b, qi[r], h) * D : nullptr;
+  store_c_rows<T, G>(dq_row[0], dq_row[1], dq, p.scale, D, t);
 }
 
 template <typename T, int G>
@@ -129,22 +116,16 @@ __global__ void __launch_bounds__(32, 1) tc_dkv_kernel(const BwdParams p) {
   for (int r = 0; r < 2; ++r) {
     patch[r] = window_patch(ti, ti.win0 + row[r].lw, row[r].j, p.grid_w);
     const bool on = row[r].active;
-    krow[r] = on ? static_cast<const T*>(p.k) + b * p.k_stride[0] + ti.scale * p.k_stride[1] +
-                       patch[r] * p.k_stride[2] + h * p.k_stride[3]
-                 : nullptr;
-    vrow[r] = on ? static_cast<const T*>(p.v) + b * p.v_stride[0] + ti.scale * p.v_stride[1] +
-                       patch[r] * p.v_stride[2] + h * p.v_stride[3]
-                 : nullptr;
+    krow[r] = on ? kv_head<T>(p.k, p.k_stride, b, ti.scale, h) + patch[r] * p.k_stride[2] : nullptr;
+    vrow[r] = on ? kv_head<T>(p.v, p.v_stride, b, ti.scale, h) + patch[r] * p.v_stride[2] : nullptr;
   }
   uint32_t ka[G][4], va[G][4];
   load_a_rows<T, G>(ka, krow[0], krow[1], p.k_stride[4], D, t);
   load_a_rows<T, G>(va, vrow[0], vrow[1], p.v_stride[4], D, t);
 
   float dk[2 * G][4], dv[2 * G][4];
-#pragma unroll
-  for (int n = 0; n < 2 * G; ++n)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) dk[n][i] = dv[n][i] = 0.f;
+  zero_frags(dk);
+  zero_frags(dv);
 
   // Shared memory: buffer u holds q rows at smem + u * 2 C RS, dO rows after them; then, as fp32,
   // lse * log2(e) and delta of buffer u at stat + u * 2 C and + C.
@@ -152,10 +133,10 @@ __global__ void __launch_bounds__(32, 1) tc_dkv_kernel(const BwdParams p) {
   float* stat = reinterpret_cast<float*>(reinterpret_cast<char*>(smem) + rows_bytes);
   const int ncols = ti.num_win * cb;  // slots holding columns in every chunk
   tc_zero_unstaged<T, DPAD, RS>(smem, 4, C, ncols, D, lane);
-  const T* qbase = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[2];
-  const T* dobase = static_cast<const T*>(p.grad_out) + b * p.do_stride[0] + h * p.do_stride[2];
-  const float* lse_bh = p.lse + static_cast<int64_t>(tile.bh) * p.total_queries;
-  const float* delta_bh = p.delta + static_cast<int64_t>(tile.bh) * p.total_queries;
+  const T* qbase = query_row<T>(p.q, p.q_stride, b, 0, h, true);
+  const T* dobase = query_row<T>(p.grad_out, p.do_stride, b, 0, h, true);
+  const float* lse_bh = p.lse + stat_index(p, tile.bh, 0);
+  const float* delta_bh = p.delta + stat_index(p, tile.bh, 0);
   auto stage = [&](int j0, int u) {
     const int count = imin(cb, ti.cols_per_win - j0);
     auto query = [&](int w, int jj) { return window_query(ti, ti.win0 + w, j0 + jj); };

@@ -39,12 +39,6 @@ COS_DEVICE float unpack_hi(uint32_t pair) {
   return unpack_lo<T>(pair >> 16);
 }
 
-// Row pointer of query qi of batch image b, head h in a (B, Q, H, D) tensor; null where inactive.
-template <typename T>
-COS_DEVICE const T* query_row(const void* base, const int64_t (&stride)[4], int b, int qi, int h, bool active) {
-  return active ? static_cast<const T*>(base) + b * stride[0] + qi * stride[1] + h * stride[2] : nullptr;
-}
-
 // A fragments (rows g and g + 8, dims k * 16 .. k * 16 + 15 for k < G) of two global rows with dim
 // stride sd; a null row, and dims >= D, load as zeros. Raw 16-bit values, no conversion.
 template <typename T, int G>
@@ -60,6 +54,15 @@ COS_DEVICE void load_a_rows(uint32_t (&a)[G][4], const T* lo, const T* hi, int64
       a[k][r] = x | y << 16;
     }
   }
+}
+
+// Zeroes N C fragments (fp32 accumulators).
+template <int N>
+COS_DEVICE void zero_frags(float (&acc)[N][4]) {
+#pragma unroll
+  for (int n = 0; n < N; ++n)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[n][i] = 0.f;
 }
 
 // Block-cooperative (one warp) staging of a chunk: for local window w < num_win and jj < count, row
@@ -236,6 +239,26 @@ COS_DEVICE void for_each_chunk(const TileInfo& t, const Stage& stage, const Use&
     __syncthreads();
   }
   cp_async_wait<0>();  // the last (empty) group
+}
+
+// The walk of the forward and dQ kernels over their tile's keys and values (B, S, N, H, D): zeroes
+// what staging leaves unwritten (tc_zero_unstaged, K and V of both buffers), then stages K and V
+// chunk by chunk (stage_kv, for_each_chunk) and runs use(ks, vs, count) on each chunk once it has
+// landed (ks, vs: its C staged rows of K, of V; count columns per window). Params: FwdParams or
+// BwdParams.
+template <typename T, int DPAD, int RS, typename Params, typename Use>
+COS_DEVICE void for_each_kv_chunk(T* smem, int C, int ncols, const Params& p, const BlockTile& tile, int lane,
+                                  const Use& use) {
+  const TileInfo& ti = tile.t;
+  tc_zero_unstaged<T, DPAD, RS>(smem, 4, C, ncols, p.head_dim, lane);
+  const T* kbase = kv_head<T>(p.k, p.k_stride, tile.b, ti.scale, tile.h);
+  const T* vbase = kv_head<T>(p.v, p.v_stride, tile.b, ti.scale, tile.h);
+  for_each_chunk(
+      ti, [&](int j0, int u) { stage_kv<T, DPAD, RS>(smem, C, kbase, vbase, p, ti, j0, u, lane); },
+      [&](int u, int, int count) {
+        const T* ks = smem + u * 2 * C * RS;
+        use(ks, ks + C * RS, count);
+      });
 }
 
 }  // namespace detail

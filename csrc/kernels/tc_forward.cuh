@@ -33,58 +33,47 @@ __global__ void __launch_bounds__(32, 1) tc_forward_kernel(const FwdParams p) {
                     query_row<T>(p.q, p.q_stride, b, qi[1], h, row[1].active), p.q_stride[3], D, t);
 
   float o[2 * G][4];
-#pragma unroll
-  for (int n = 0; n < 2 * G; ++n)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) o[n][i] = 0.f;
+  zero_frags(o);
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
 
-  // Shared memory: buffer u holds K at smem + u * 2 C RS, V right after it.
   const int ncols = ti.num_win * cb;  // slots holding columns in every chunk
-  tc_zero_unstaged<T, DPAD, RS>(smem, 4, C, ncols, D, lane);
-  const T* kbase = static_cast<const T*>(p.k) + b * p.k_stride[0] + ti.scale * p.k_stride[1] + h * p.k_stride[3];
-  const T* vbase = static_cast<const T*>(p.v) + b * p.v_stride[0] + ti.scale * p.v_stride[1] + h * p.v_stride[3];
-  for_each_chunk(
-      ti, [&](int j0, int u) { stage_kv<T, DPAD, RS>(smem, C, kbase, vbase, p, ti, j0, u, lane); },
-      [&](int u, int, int count) {
-        const T* ks = smem + u * 2 * C * RS;
-        const T* vs = ks + C * RS;
-        for (int col0 = 0; col0 < ncols; col0 += 16) {
-          float s[2][4] = {};
-          mma_scores<T, G, RS>(s, qa, ks, col0, lane);
-          float mx[2] = {-INFINITY, -INFINITY};
+  for_each_kv_chunk<T, DPAD, RS>(smem, C, ncols, p, tile, lane, [&](const T* ks, const T* vs, int count) {
+    for (int col0 = 0; col0 < ncols; col0 += 16) {
+      float s[2][4] = {};
+      mma_scores<T, G, RS>(s, qa, ks, col0, lane);
+      float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-          for (int n = 0; n < 2; ++n)
+      for (int n = 0; n < 2; ++n)
 #pragma unroll
-            for (int i = 0; i < 4; ++i) {
-              s[n][i] = tc_valid(col0, n, i, t, lw, cb, count) ? s[n][i] * p.scale_log2 : -INFINITY;
-              mx[i >> 1] = fmaxf(mx[i >> 1], s[n][i]);
-            }
-          float alpha[2], base[2];
-#pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            const float m_new = fmaxf(m[r], quad_max(mx[r]));
-            base[r] = m_new == -INFINITY ? 0.f : m_new;  // no column of the row yet: p = 0, nothing to rescale
-            alpha[r] = exp2f(m[r] - base[r]);
-            m[r] = m_new;
-            l[r] *= alpha[r];
-          }
-#pragma unroll
-          for (int n = 0; n < 2 * G; ++n)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) o[n][i] *= alpha[i >> 1];
-#pragma unroll
-          for (int n = 0; n < 2; ++n)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-              s[n][i] = exp2f(s[n][i] - base[i >> 1]);
-              l[i >> 1] += s[n][i];
-            }
-          uint32_t pa[4];
-          pack_a<T>(pa, s[0], s[1]);
-          mma_rows<T, G, RS>(o, pa, vs, col0, lane);
+        for (int i = 0; i < 4; ++i) {
+          s[n][i] = tc_valid(col0, n, i, t, lw, cb, count) ? s[n][i] * p.scale_log2 : -INFINITY;
+          mx[i >> 1] = fmaxf(mx[i >> 1], s[n][i]);
         }
-      });
+      float alpha[2], base[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const float m_new = fmaxf(m[r], quad_max(mx[r]));
+        base[r] = m_new == -INFINITY ? 0.f : m_new;  // no column of the row yet: p = 0, nothing to rescale
+        alpha[r] = exp2f(m[r] - base[r]);
+        m[r] = m_new;
+        l[r] *= alpha[r];
+      }
+#pragma unroll
+      for (int n = 0; n < 2 * G; ++n)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) o[n][i] *= alpha[i >> 1];
+#pragma unroll
+      for (int n = 0; n < 2; ++n)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          s[n][i] = exp2f(s[n][i] - base[i >> 1]);
+          l[i >> 1] += s[n][i];
+        }
+      uint32_t pa[4];
+      pack_a<T>(pa, s[0], s[1]);
+      mma_rows<T, G, RS>(o, pa, vs, col0, lane);
+    }
+  });
 
   // out = O / l (the two rows have their own l), lse = ln(2) (m + log2 l).
   T* orow[2];
@@ -97,11 +86,8 @@ __global__ void __launch_bounds__(32, 1) tc_forward_kernel(const FwdParams p) {
       o[n][2 * r] *= inv;
       o[n][2 * r + 1] *= inv;
     }
-    orow[r] = row[r].active
-                  ? static_cast<T*>(p.out) + ((static_cast<int64_t>(b) * p.total_queries + qi[r]) * p.heads + h) * D
-                  : nullptr;
-    if (t == 0 && row[r].active)
-      p.lse[static_cast<int64_t>(tile.bh) * p.total_queries + qi[r]] = (m[r] + log2f(l[r])) * kLn2;
+    orow[r] = row[r].active ? static_cast<T*>(p.out) + out_row(p, b, qi[r], h) * D : nullptr;
+    if (t == 0 && row[r].active) p.lse[stat_index(p, tile.bh, qi[r])] = (m[r] + log2f(l[r])) * kLn2;
   }
   store_c_rows<T, G>(orow[0], orow[1], o, 1.f, D, t);
 }
