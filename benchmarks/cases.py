@@ -25,6 +25,11 @@ class KernelCase:
     def label(self) -> str:
         return f"{self.preset} B={self.batch} H={self.heads} D={self.head_dim}"
 
+    @property
+    def key(self) -> str:
+        """A short name without spaces (the GPU check's work items)."""
+        return f"{self.preset}:{self.batch}x{self.heads}x{self.head_dim}"
+
 
 @dataclass(frozen=True)
 class ModuleCase:
@@ -37,6 +42,11 @@ class ModuleCase:
     def label(self) -> str:
         width = dict(self.overrides).get("dim")
         return f"{self.preset} B={self.batch}" + (f" dim={width}" if width else "")
+
+    @property
+    def key(self) -> str:
+        """A short name without spaces (the GPU check's work items)."""
+        return f"{self.preset}:{self.batch}"
 
 
 @dataclass(frozen=True)

@@ -83,7 +83,17 @@ def _validate(store, case, backend, fused, model, env) -> dict:
     return errors
 
 
-def _attention_flops(model, batch: int, pass_: str) -> float:
+def floor_bytes(model, feats, batch: int, dtype, pass_: str) -> float:
+    """Fewest bytes of one pass: features and parameters read and the output written (forward);
+    forward+backward adds the parameters read again, their grads written and the output grad read."""
+    e = torch.tensor([], dtype=dtype).element_size()
+    feat = sum(f.numel() for f in feats) * e
+    out = batch * model.num_tokens * model.config.llm_dim * e
+    params = param_bytes(model)
+    return float(feat + out + params if pass_ == "fwd" else feat + 2 * out + 3 * params)
+
+
+def attention_flops(model, batch: int, pass_: str) -> float:
     cfg, layout = model.config, model.layout
     pairs = batch * sum(n * p for n, p in zip(layout.queries, layout.patches_per_window))
     per_pair = {"fwd": 4, "fwdbwd": 14}[pass_]
@@ -131,17 +141,14 @@ def test_module(benchmark, bench_env, store, module_case, backend, fused, pass_)
             # forward FLOPs counted with grad mode on (same products; torch's flop counter trips over
             # no_grad around expanded parameters), output discarded
             matmul = count_matmul_flops((lambda: model(feats)) if pass_ == "fwd" else (lambda: fn(setup())))
-            store.medians[key] = None if matmul is None else matmul + _attention_flops(model, case.batch, pass_)
+            store.medians[key] = None if matmul is None else matmul + attention_flops(model, case.batch, pass_)
         flops = store.medians[key]
     model.zero_grad(set_to_none=True)
 
-    e = torch.tensor([], dtype=env.dtype).element_size()
-    io = sum(f.numel() for f in feats) * e + case.batch * model.num_tokens * cfg.llm_dim * e
-    params = param_bytes(model)
-    floor = io + params if pass_ == "fwd" else 2 * io - sum(f.numel() for f in feats) * e + 3 * params
+    floor = floor_bytes(model, feats, case.batch, env.dtype, pass_)
     record(
         benchmark, env, stats, suite="module", case=case.label, impl=f"{backend} {'fused' if fused else 'unfused'}",
-        pass_=pass_, bytes_floor=float(floor), flops=flops, impl_kind="backend", backend=backend, fused=fused,
+        pass_=pass_, bytes_floor=floor, flops=flops, impl_kind="backend", backend=backend, fused=fused,
         preset=case.preset, config=cfg.to_dict(), layout=repr(model.layout),
         shapes={"features": [list(f.shape) for f in feats], "out": list(out_shape)},
         parameters=sum(p.numel() for p in model.parameters()), validation_max_rel_error=errors, **mem,

@@ -1,106 +1,261 @@
-"""One GPU call that returns a complete picture in at most 8 minutes: stages in priority order, each
-its own process with its own timeout and log, every result written the moment it exists.
+"""One GPU call that returns the whole picture, whatever breaks in it: measurements first, each
+implementation in its own process, every result written the moment it exists.
 
-    python scripts/gpu_check.py                  # on the GPU machine: results under $OUT (else ./out)
+    python scripts/gpu_check.py                  # on the GPU machine: at most 7 minutes, results in $OUT
+    python scripts/gpu_check.py --quick          # a second call after a fix: the kernel table, ~3 minutes
     python scripts/gpu_check.py --dry --out DIR  # on a CPU (CI): tiny sizes, the Triton interpreter, no build
 
-Stages (priority order; the budget is shared, so a stage that overruns shortens the later ones):
-  preflight     GPU name and clocks, Python and package versions, every import the later stages need,
-                nvcc and CUDA_HOME, measured copy bandwidth and bf16 matmul TFLOP/s
-  build         the CUDA extension for sm_90 only (TORCH_CUDA_ARCH_LIST=9.0), in the background
-  tests_triton  meanwhile: the GPU tests of the Triton backend (-m gpu -k "not cuda"), a per-test
-                timeout, several workers where pytest-xdist exists (they are Triton-compile bound)
-  tests_cuda    once the build is done: the GPU tests of the CUDA backend (-m gpu -k cuda)
-  kernel        the headline kernel table (benchmarks/headline.py): every backend and uncompiled peer,
-                fwd / bwd / fwd+bwd, cos-80 B=256 and cos-1296 B=64 in bf16, each checked first
-  module        fused vs unfused resampler forward+backward and peak memory
-  e2e           stage-1 step of the 1b proxy with cos-80, resampler-336 and linear-256 bridges
-  flex          the compiled FlexAttention peer's rows of the kernel table (last: each shape and grad
-                mode is a torch.compile of tens of seconds)
-Each stage prints its wall time. At most 8 files land in the output folder (the device tool brings
-back no more): SUMMARY.md and kernel.png (rewritten after every stage), results.jsonl (one JSON line
-per row and per stage status), and the logs preflight.log, build.log, tests_triton.log,
-tests_cuda.log, bench.log (kernel, module, e2e and flex).
+The plan (PLAN; QUICK_PLAN for --quick), in order, each step with its expected seconds on the H200:
+  preflight       GPU, clocks, versions, imports, nvcc, measured copy bandwidth and bf16 matmul rate
+  build           the CUDA extension for sm_90 only, in the background from here on
+  kernel, module  peers and the torch backend first, then Triton; the CUDA backend once the build is
+                  done; every row checked against float64 before it is timed
+  e2e             stage-1 steps of the 7b, then the 1b proxy, the resampler on the fastest fused backend
+                  whose kernel rows all passed (the rows say which)
+  flex            the compiled FlexAttention peer (each shape and grad mode a torch.compile)
+  tests           the GPU tests of the CUDA backend, then Triton's: several pytest-xdist workers, a
+                  thread-method timeout per test, a worker whose CUDA context breaks is replaced
+Each measuring group is one process over its items (benchmarks/headline.py); a process that crashes,
+hangs past its item's limit or finds its CUDA context poisoned is killed, the item it was in gets a
+failed row saying how, and a fresh process takes the items left. Measurements stop TESTS_RESERVE
+seconds before the deadline so the tests keep their share. Every subprocess wait is bounded.
+
+Files (at most 7 come back; these are 6): SUMMARY.md and kernel.png (rewritten after every group),
+results.jsonl (rows, item events, statuses), build.log, bench.log (every measuring process), tests.log.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import headline  # noqa: E402  (import of the repo's benchmarks package)
+from benchmarks import gpu_results as results_file  # noqa: E402
+from benchmarks import gpu_summary, headline  # noqa: E402
 
-OUTPUT_FILES = ("SUMMARY.md", "kernel.png", "results.jsonl", "preflight.log", "build.log", "tests_triton.log",
-                "tests_cuda.log", "bench.log")
-# seconds each stage may take on the H200 (the deadline may cut a later one shorter); the notes are
-# the expected times, checked on the CPU by the dry run's stage times
-LIMITS = {
-    "preflight": 60,  # ~15 s: imports, CUDA init, 1 GiB copy, 8192^3 matmul
-    "build": 300,  # ~60-90 s on 16 cores, sm_90 only, concurrent with tests_triton
-    "tests_triton": 150,  # 53 tests, ~150 Triton compiles of 1-5 s spread over the workers
-    "tests_cuda": 90,  # 99 tests, the build's wait included
-    "kernel": 100,  # 2 cases x 4 implementations x 3 passes + float64 references
-    "module": 60,  # 2 cases x 4 variants
-    "e2e": 90,  # three 1b models built on the GPU, ~20 steps each
-    "flex": 150,  # what is left: 2 cases x (inference + training graph) compiles
-}
-DRY_LIMITS = {stage: 600 for stage in LIMITS}
-PER_TEST_TIMEOUT = {"gpu": 90, "dry": 300}  # pytest-timeout, seconds per test
+OUTPUT_FILES = ("SUMMARY.md", "kernel.png", "results.jsonl", "build.log", "bench.log", "tests.log")
+LOGS = {"preflight": "bench.log", "kernel": "bench.log", "module": "bench.log", "e2e": "bench.log",
+        "build": "build.log", "tests": "tests.log"}
+BUDGET_S = {"default": 420, "quick": 180, "dry": 1800}  # the whole call's wall time
+TESTS_RESERVE = {"default": 90, "quick": 0, "dry": 0}  # seconds the measurements leave to the tests
+BUILD_CAP_S = 240  # ~60-90 s on 16 cores, sm_90 only
+STARTUP_CAP_S = 90  # a process's imports and CUDA initialisation, before its first item starts
+POLL_S = 0.5
+PER_TEST_TIMEOUT_S = {"gpu": 90, "dry": 300}
+
+
+@dataclass(frozen=True)
+class Step:
+    """One group of items (a process, restarted after a crash), or the build's wait ("build"), or a
+    test stage ("tests"). est_s: expected seconds on the H200 (process start included); item_cap_s:
+    the most one item may take before its process is killed."""
+
+    stage: str
+    group: str
+    est_s: float
+    item_cap_s: float = 60.0
+    after_build: bool = False  # needs the CUDA extension (waits for the build first)
+    items: tuple[str, ...] | None = None  # default: every item of the group (headline.items)
+
+    def work(self, dry: bool) -> list[str]:
+        return list(self.items) if self.items is not None else headline.items(self.stage, self.group, dry)
+
+
+# The default call: 7 minutes of wall time. With the machine's start (1-2 min) that leaves at least
+# 4 of the 15 minutes for a --quick call after a fix. Expected total: 405 s.
+PLAN = (
+    Step("preflight", "preflight", 15, 45),
+    Step("kernel", "torch", 15), Step("kernel", "sdpa_mask", 15), Step("kernel", "flash_varlen", 6),
+    Step("kernel", "triton", 30),  # its Triton compiles overlap the build
+    Step("module", "torch", 20), Step("module", "triton", 25),
+    Step("kernel", "cuda", 20, after_build=True), Step("module", "cuda", 20, after_build=True),
+    Step("e2e", "7b", 75, 90), Step("e2e", "1b", 35),
+    Step("kernel", "flex", 45, 90),  # what the measurements' share leaves, 4 compiles
+    Step("tests", "cuda", 50), Step("tests", "triton", 40),
+)
+QUICK_PLAN = (
+    Step("preflight", "preflight", 15, 45), Step("kernel", "torch", 15), Step("kernel", "triton", 30),
+    Step("kernel", "cuda", 20, after_build=True),
+)
+# dry (CPU): the default plan's groups with the tiny model and the two fakes that fail on purpose
+DRY_PLAN = (*PLAN[:5], Step("kernel", "fault_raise", 5), Step("kernel", "fault_exit", 5), *PLAN[5:9],
+            Step("e2e", "tiny", 30), *PLAN[11:])
+
+
+def plan_for(mode: str) -> tuple[Step, ...]:
+    return {"default": PLAN, "quick": QUICK_PLAN, "dry": DRY_PLAN}[mode]
 
 
 class Check:
-    """The run: output folder, deadline, results file; ``stage`` runs one and records it."""
+    """The run: output folder, deadline, results file; ``group`` runs a group of items under watch."""
 
-    def __init__(self, out: Path, budget_s: float, dry: bool):
-        self.out, self.dry = out, dry
-        self.deadline = time.monotonic() + budget_s
-        self.limits = DRY_LIMITS if dry else LIMITS
+    def __init__(self, out: Path, budget_s: float, mode: str):
+        self.out, self.mode, self.dry = out, mode, mode == "dry"
+        self.started = time.monotonic()
+        self.deadline = self.started + budget_s
+        self.measure_deadline = self.deadline - TESTS_RESERVE[mode]
         self.results = out / "results.jsonl"
         self.python = sys.executable
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        if dry:
+        self.child = [self.python, "-m", "benchmarks.headline"]  # the measuring process (tests swap in a fake)
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                    "TOKENIZERS_PARALLELISM": "false"}
+        if self.dry:
             self.env["TRITON_INTERPRET"] = "1"
         else:
             self.env.pop("TRITON_INTERPRET", None)
 
-    def left(self) -> float:
-        return self.deadline - time.monotonic()
+    def left(self, deadline: float | None = None) -> float:
+        return (self.deadline if deadline is None else deadline) - time.monotonic()
 
-    def timeout(self, stage: str) -> float:
-        return max(0.0, min(self.limits[stage], self.left()))
+    def record(self, stage: str, group: str, status: str, wall_s: float, **extra) -> None:
+        results_file.append(self.results, stage, group=group, status=status, wall_s=round(wall_s, 1),
+                            log=LOGS[stage], **extra)
+        self.render()
+        print(f"== {stage} {group}: {status} in {wall_s:.1f} s ({max(0, self.left()):.0f} s of the budget left)",
+              flush=True)
 
-    def record(self, stage: str, status: str, wall_s: float, log: str) -> None:
-        headline.append(self.results, stage, status=status, wall_s=round(wall_s, 1), log=log)
-        entries = headline.read(self.results)
-        (self.out / "SUMMARY.md").write_text(headline.render(entries))
-        headline.plot(entries, self.out / "kernel.png")
-        print(f"== {stage}: {status} in {wall_s:.1f} s ({max(0, self.left()):.0f} s of the budget left)", flush=True)
+    def render(self) -> None:
+        entries = results_file.read(self.results)
+        (self.out / "SUMMARY.md").write_text(gpu_summary.render(entries))
+        gpu_summary.plot(entries, self.out / "kernel.png")
 
-    def run(self, stage: str, cmd: list[str], log: str, timeout: float | None = None) -> str:
-        """Run ``cmd`` (its own process group), output appended to ``log``; -> its status."""
-        timeout = self.timeout(stage) if timeout is None else timeout
-        if self.left() < 5:
-            self.record(stage, "not run: no time left in the budget", 0.0, log)
-            return "not run"
+    def lose(self, stage: str, work: list[str], status: str, detail: str) -> None:
+        """Rows (and ended events) for items no process finished."""
+        for item in work:
+            r = headline.lost_row(stage, item, self.dry, status, detail)
+            if r is not None:
+                results_file.append(self.results, stage, row=r)
+            results_file.append(self.results, stage, event="lost", item=item, reason=detail)
+
+    # -- one group of items, one process at a time ---------------------------------------------------
+    def group(self, step: Step, extra: list[str] = ()) -> str:
+        """Run the step's items, restarting after a crash, until each has ended or time is out;
+        records and returns the group's status."""
         t0 = time.monotonic()
-        with open(self.out / log, "a") as f:
-            f.write(f"\n==== {stage}: {' '.join(cmd)} (timeout {timeout:.0f} s)\n")
+        work = step.work(self.dry)
+        problems = []
+        while work:
+            if self.left(self.measure_deadline) < 5:
+                self.lose(step.stage, work, "not run", "no time left in the measurements' share of the budget")
+                problems.append(f"{len(work)} item(s) not run: no time left")
+                break
+            cmd = [*self.child, step.stage, "--results", str(self.results),
+                   "--group", step.group, "--items", ",".join(work), *extra] + (["--dry"] if self.dry else [])
+            proc, offset = self._start(cmd, LOGS[step.stage])
+            outcome, current = self._watch(proc, step)
+            mine = results_file.events(results_file.read(self.results), proc.pid)
+            finished = [e["item"] for e in mine if e["event"] == "done"]
+            poisoned = next((e["error"] for e in mine if e["event"] == "poisoned"), None)
+            left = [i for i in work if i not in finished]
+            if outcome == _exit_outcome(0):
+                if left:
+                    self.lose(step.stage, left, "failed", "its process ended without running it")
+                    problems.append(f"{len(left)} item(s) never run")
+                break
+            why = outcome + (f" (CUDA context poisoned: {poisoned})" if poisoned else "")
+            last = _last_error(self.out / LOGS[step.stage], offset)
+            if current is not None:
+                self.lose(step.stage, [current], "failed", f"its process {why} during this item" +
+                          (f"; last error: {last}" if last else ""))
+                problems.append(f"{current}: {why}")
+                left.remove(current)
+            elif not finished:  # died before its first item: a fresh process would too
+                self.lose(step.stage, left, "failed", f"its process {why} before the first item" +
+                          (f"; last error: {last}" if last else ""))
+                problems.append(f"the process {why} before its first item")
+                break
+            else:
+                problems.append(f"after {finished[-1]}: {why}")
+            if left:
+                print(f"== {step.stage} {step.group}: {why}; a fresh process takes the {len(left)} item(s) left",
+                      flush=True)
+            work = left
+        status = "ok" if not problems else "; ".join(problems)
+        self.record(step.stage, step.group, status, time.monotonic() - t0)
+        return status
+
+    def _start(self, cmd: list[str], log: str) -> tuple[subprocess.Popen, int]:
+        path = self.out / log
+        with open(path, "a") as f:
+            f.write(f"\n==== {' '.join(cmd)}\n")
             f.flush()
+            offset = f.tell()
             proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=f, stderr=subprocess.STDOUT,
                                     start_new_session=True)
-            status = wait(proc, timeout)
-        self.record(stage, status, time.monotonic() - t0, log)
-        tail(self.out / log, 12 if status == "ok" else 30)
+        return proc, offset
+
+    def _watch(self, proc: subprocess.Popen, step: Step) -> tuple[str, str | None]:
+        """Wait for ``proc``: -> (outcome, the item it was in when it ended or was killed, if any).
+        Killed when an item runs past step.item_cap_s, the start past STARTUP_CAP_S, or the
+        measurements' share of the budget ends."""
+        launched, seen = time.monotonic(), {}
+        current = None
+        while True:
+            code = proc.poll()
+            mine = results_file.events(results_file.read(self.results), proc.pid)
+            for e in mine:
+                seen.setdefault((e["event"], e["item"]), time.monotonic())
+            started = [e["item"] for e in mine if e["event"] == "start"]
+            done = {e["item"] for e in mine if e["event"] == "done"}
+            current = next((i for i in reversed(started) if i not in done), None)
+            if code is not None:
+                return _exit_outcome(code), current
+            now = time.monotonic()
+            if current is not None and now - seen["start", current] > step.item_cap_s:
+                kill(proc)
+                return f"timed out after {step.item_cap_s:.0f} s", current
+            if not started and now - launched > STARTUP_CAP_S:
+                kill(proc)
+                return f"did not start an item within {STARTUP_CAP_S} s", None
+            if self.left(self.measure_deadline) <= 0:
+                kill(proc)
+                return "was stopped: the measurements' share of the budget ran out", current
+            time.sleep(POLL_S)
+
+    # -- plain commands (build, tests) ---------------------------------------------------------------
+    def command(self, stage: str, group: str, cmd: list[str], timeout: float, env=None, **extra) -> str:
+        if timeout < 5:
+            self.record(stage, group, "not run: no time left in the budget", 0.0, **extra)
+            return "not run"
+        t0 = time.monotonic()
+        proc, offset = self._start(cmd, LOGS[stage])
+        status = wait(proc, timeout)
+        extra.update(parse_extra(self.out / LOGS[stage], offset) if stage == "tests" else {})
+        self.record(stage, group, status, time.monotonic() - t0, **extra)
+        tail(self.out / LOGS[stage], 12 if status == "ok" else 30)
         return status
+
+
+def _exit_outcome(code: int) -> str:
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+def _last_error(path: Path, offset: int) -> str | None:
+    """The last line that names an error in what a process wrote to ``path`` after ``offset``."""
+    try:
+        with open(path, errors="replace") as f:
+            f.seek(offset)
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    hits = [line.strip() for line in lines if re.search(r"Error|error:|Exception|FAILED|fault", line)]
+    return hits[-1][:240] if hits else None
 
 
 def wait(proc: subprocess.Popen, timeout: float) -> str:
@@ -111,15 +266,20 @@ def wait(proc: subprocess.Popen, timeout: float) -> str:
     except subprocess.TimeoutExpired:
         kill(proc)
         return f"timed out after {timeout:.0f} s"
-    return "ok" if code == 0 else f"exit code {code}"
+    return "ok" if code == 0 else _exit_outcome(code)
 
 
-def kill(proc: subprocess.Popen) -> None:
+def kill(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
+    """SIGKILL to the process group, then at most ``grace_s`` for it to be reaped (a process stuck
+    in the driver may never be: the check goes on without it)."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
-    proc.wait()
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        print(f"   ! process {proc.pid} not reaped {grace_s:.0f} s after SIGKILL; going on without it", flush=True)
 
 
 def tail(path: Path, lines: int) -> None:
@@ -128,102 +288,152 @@ def tail(path: Path, lines: int) -> None:
         print(f"   | {line}", flush=True)
 
 
+def parse_extra(path: Path, offset: int) -> dict:
+    """pytest's summary line and the failed tests' names from what one run wrote after ``offset``."""
+    with open(path, errors="replace") as f:
+        f.seek(offset)
+        text = f.read()
+    summary = re.findall(r"^=+ (.*\b(?:passed|failed|error|errors|skipped|deselected)\b.*) =+$", text, re.M)
+    failed = list(dict.fromkeys(re.findall(r"^(?:FAILED|ERROR) (\S+)", text, re.M)))
+    crashed = re.findall(r"worker '?(gw\d+)'? crashed while running '?([^'\s]+)", text)
+    return {"summary": summary[-1] if summary else None,
+            "failed": failed + [f"{test} (worker {gw} crashed)" for gw, test in crashed if test not in failed]}
+
+
 def has_module(python: str, name: str) -> bool:
-    return subprocess.run([python, "-c", f"import {name}"], capture_output=True).returncode == 0
+    try:
+        return subprocess.run([python, "-c", f"import {name}"], capture_output=True, timeout=60).returncode == 0
+    except subprocess.TimeoutExpired:
+        return False
 
 
 def pytest_cmd(check: Check, selection: str, workers: int) -> list[str]:
-    """The GPU tests of one backend: -m gpu -k SELECTION, a per-test timeout where pytest-timeout
-    exists, ``workers`` processes where pytest-xdist exists."""
-    cmd = [check.python, "-m", "pytest", "-q", "-ra", "-p", "no:cacheprovider", "tests", "-m", "gpu", "-k", selection]
+    """The GPU tests of one backend: -m gpu -k SELECTION, names and outcomes one per line, a per-test
+    timeout that fires during a blocked CUDA call (thread method: it dumps the stacks and ends the
+    worker, which pytest-xdist replaces), ``workers`` processes where pytest-xdist exists."""
+    cmd = [check.python, "-m", "pytest", "-v", "-rfE", "-p", "no:cacheprovider", "tests", "-m", "gpu", "-k", selection]
     if has_module(check.python, "pytest_timeout"):
-        cmd += ["--timeout", str(PER_TEST_TIMEOUT["dry" if check.dry else "gpu"])]
+        cmd += ["--timeout", str(PER_TEST_TIMEOUT_S["dry" if check.dry else "gpu"]), "--timeout-method", "thread"]
     if workers > 1 and has_module(check.python, "xdist"):
-        cmd += ["-n", str(workers)]
+        cmd += ["-n", str(workers), "--max-worker-restart", str(2 * workers)]
     return cmd
 
 
-def start_build(check: Check) -> tuple[subprocess.Popen | None, float]:
-    """The extension, sm_90 only, in place (pip install -e), in the background -> (process, start)."""
-    if check.dry:
-        check.record("build", "skipped: dry run (no extension build)", 0.0, "build.log")
-        return None, 0.0
-    # setup.py finds CUDA_HOME itself (cuda_build.find_cuda_home) and logs it
-    env = {**check.env, "COS_KERNELS_BUILD_CUDA": "1", "TORCH_CUDA_ARCH_LIST": "9.0",
-           "MAX_JOBS": str(max(2, (os.cpu_count() or 4) // 2))}
-    cmd = [check.python, "-m", "pip", "install", "-v", "--no-build-isolation", "--no-deps", "-e", "."]
-    with open(check.out / "build.log", "a") as f:  # the child keeps its own copy of the file
-        f.write(f"==== build: {' '.join(cmd)} (TORCH_CUDA_ARCH_LIST=9.0, MAX_JOBS={env['MAX_JOBS']})\n")
-        f.flush()
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-    print(f"== build: started in the background (pid {proc.pid}, {' '.join(cmd)})", flush=True)
-    return proc, time.monotonic()
+# ---- the build ------------------------------------------------------------------------------------
+class Build:
+    """The CUDA extension, sm_90 only, in place (pip install -e), in the background."""
 
-
-def finish_build(check: Check, proc: subprocess.Popen | None, started: float) -> bool:
-    """Wait for the build (within the build's limit) and check that cos_kernels._C loads."""
-    if proc is None:
-        return False
-    status = wait(proc, min(check.limits["build"] - (time.monotonic() - started), check.left()))
-    if status == "ok":
-        probe = subprocess.run([check.python, "-c", "import cos_kernels, cos_kernels._C; from cos_kernels.ops import "
-                                "available_backends; print('backends on cuda:', available_backends('cuda'))"],
-                               cwd=ROOT, env=check.env, capture_output=True, text=True)
+    def __init__(self, check: Check):
+        self.check, self.proc, self.status = check, None, None
+        self.t0 = time.monotonic()
+        if check.dry:
+            self.status = "skipped: dry run (no extension build)"
+            check.record("build", "cuda", self.status, 0.0)
+            return
+        env = {**check.env, "COS_KERNELS_BUILD_CUDA": "1", "TORCH_CUDA_ARCH_LIST": "9.0",
+               "MAX_JOBS": str(max(2, (os.cpu_count() or 4) // 2))}
+        cmd = [check.python, "-m", "pip", "install", "-v", "--no-build-isolation", "--no-deps", "-e", "."]
         with open(check.out / "build.log", "a") as f:
-            f.write(probe.stdout + probe.stderr)
-        if probe.returncode != 0:
-            status = "built, but cos_kernels._C does not load"
-    check.record("build", status, time.monotonic() - started, "build.log")
-    tail(check.out / "build.log", 8 if status == "ok" else 30)
-    return status == "ok"
+            f.write(f"==== build: {' '.join(cmd)} (TORCH_CUDA_ARCH_LIST=9.0, MAX_JOBS={env['MAX_JOBS']})\n")
+            f.flush()
+            self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        print(f"== build: started in the background (pid {self.proc.pid})", flush=True)
+
+    def finish(self) -> bool:
+        """Wait for the build (within BUILD_CAP_S of its start and the budget), then check that
+        cos_kernels._C loads, within a minute."""
+        if self.status is None:
+            check = self.check
+            status = wait(self.proc, min(BUILD_CAP_S - (time.monotonic() - self.t0), check.left(check.measure_deadline)))
+            if status == "ok":
+                try:
+                    probe = subprocess.run(
+                        [check.python, "-c", "import cos_kernels, cos_kernels._C; from cos_kernels.ops import "
+                         "available_backends; print('backends on cuda:', available_backends('cuda'))"],
+                        cwd=ROOT, env=check.env, capture_output=True, text=True, timeout=60)
+                    text, ok = probe.stdout + probe.stderr, probe.returncode == 0
+                except subprocess.TimeoutExpired:
+                    text, ok = "the load probe timed out after 60 s\n", False
+                with open(check.out / "build.log", "a") as f:
+                    f.write(text)
+                if not ok:
+                    status = "built, but cos_kernels._C does not load"
+            self.status = status
+            check.record("build", "cuda", status, time.monotonic() - self.t0)
+            tail(check.out / "build.log", 8 if status == "ok" else 30)
+        return self.status == "ok" or self.check.dry  # dry: the CUDA groups run and skip, as on any CPU
 
 
-def measure(check: Check, stage: str, log: str = "bench.log") -> str:
-    """A benchmarks/headline.py stage; "flex" is the kernel stage's FlexAttention rows alone, "kernel"
-    the rest of them."""
-    name = "kernel" if stage == "flex" else stage
-    cmd = [check.python, "-m", "benchmarks.headline", name, "--results", str(check.results)]
-    if stage in ("kernel", "flex"):
-        cmd += ["--impls", "flex" if stage == "flex" else ",".join(i for i in headline.KERNEL_IMPLS if i != "flex")]
-    return check.run(stage, cmd + (["--dry"] if check.dry else []), log)
+def run(check: Check, steps: tuple[Step, ...], workers: int) -> None:
+    build = None
+    for n, step in enumerate(steps):
+        if step.stage == "preflight":
+            check.group(step)
+            build = Build(check)  # after the preflight's bandwidth and matmul measurements
+        elif step.stage == "tests":
+            if step.group == "cuda" and not build.finish():
+                check.record("tests", "cuda", "not run: the CUDA extension did not build (build.log)", 0.0)
+                continue
+            # the test stages share what is left in proportion to their expected times
+            share = step.est_s / sum(s.est_s for s in steps[n:] if s.stage == "tests")
+            check.command("tests", step.group, pytest_cmd(check, "cuda" if step.group == "cuda" else "not cuda",
+                                                          workers), (check.left() - 5) * share)
+        elif step.after_build and not build.finish():
+            check.lose(step.stage, step.work(check.dry), "not run",
+                       f"the CUDA extension did not build ({build.status}; build.log)")
+            check.record(step.stage, step.group, "not run: the CUDA extension did not build", 0.0)
+        elif step.group == "flash_varlen" and importlib.util.find_spec("flash_attn") is None:
+            check.lose(step.stage, step.work(check.dry), "skipped",
+                       "flash_attn is not installed")
+            check.record(step.stage, step.group, "skipped: flash_attn is not installed", 0.0)
+        elif step.stage == "e2e":
+            kernel = results_file.rows(results_file.read(check.results), "kernel")
+            # the dry run times whole steps on the torch backend: the interpreter would take minutes
+            backend = "torch" if check.dry else gpu_summary.best_fused(kernel) or "torch"
+            check.group(step, ["--backend", backend])
+        else:
+            check.group(step)
+    if build is not None and build.status is None:
+        build.finish()  # a plan without CUDA groups still reports its build
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or ROOT / "out"))
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="the kernel table of torch, triton and cuda (~3 min)")
+    mode.add_argument("--dry", action="store_true", help="CPU plumbing check: tiny sizes, interpreter, no build")
     parser.add_argument("--budget", type=float, default=None,
-                        help="seconds for the whole run (default 470 on a GPU, 1800 dry)")
-    parser.add_argument("--dry", action="store_true", help="CPU plumbing check: tiny sizes, interpreter, no build")
+                        help=f"seconds for the whole run (default {BUDGET_S['default']}, --quick "
+                             f"{BUDGET_S['quick']}, --dry {BUDGET_S['dry']})")
     parser.add_argument("--workers", type=int, default=None,
-                        help="pytest-xdist workers for the Triton tests (default: CPUs / 2, at most 8; dry: 2)")
+                        help="pytest-xdist workers of the test stages (default: CPUs / 4, 2 to 4; dry: 2)")
     args = parser.parse_args(argv)
+    mode_name = "dry" if args.dry else "quick" if args.quick else "default"
+    if args.budget is not None and args.budget <= 0:
+        parser.error(f"--budget: must be a positive number of seconds, got {args.budget}")
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     for name in OUTPUT_FILES:  # a fresh run: nothing of an earlier one mixes in
         (out / name).unlink(missing_ok=True)
-    check = Check(out, args.budget or (1800 if args.dry else 470), args.dry)
-    # dry: two workers, so that the xdist path the GPU run takes is exercised too
-    workers = args.workers or (2 if args.dry else min(8, max(1, (os.cpu_count() or 2) // 2)))
-    t0 = time.monotonic()
-    print(f"gpu_check: {'DRY (CPU) ' if args.dry else ''}run, budget {check.left():.0f} s, results in {out}",
-          flush=True)
+    check = Check(out, args.budget or BUDGET_S[mode_name], mode_name)
+    workers = args.workers or (2 if args.dry else min(4, max(2, (os.cpu_count() or 2) // 4)))
+    steps = plan_for(mode_name)
+    print(f"gpu_check: {mode_name} run, budget {check.left():.0f} s (expected {sum(s.est_s for s in steps):.0f} s), "
+          f"results in {out}", flush=True)
+    run(check, steps, workers)
 
-    measure(check, "preflight", "preflight.log")
-    build, build_started = start_build(check)
-    check.run("tests_triton", pytest_cmd(check, "not cuda", workers), "tests_triton.log")
-    if args.dry or finish_build(check, build, build_started):  # dry: the CUDA tests skip, as on any CPU
-        check.run("tests_cuda", pytest_cmd(check, "cuda", 1), "tests_cuda.log")
-    else:
-        check.record("tests_cuda", "not run: the extension did not build (build.log)", 0.0, "tests_cuda.log")
-    for stage in ("kernel", "module", "e2e", "flex"):
-        measure(check, stage)
-
-    statuses = headline.stage_statuses(headline.read(check.results))
-    print(f"gpu_check: done in {time.monotonic() - t0:.0f} s; stages: "
-          + ", ".join(f"{e['stage']}={e['status']}" for e in statuses), flush=True)
+    entries = results_file.read(check.results)
+    statuses = results_file.stage_statuses(entries)
+    print(f"gpu_check: done in {time.monotonic() - check.started:.0f} s", flush=True)
     print((out / "SUMMARY.md").read_text(), flush=True)
-    bad = [e for e in statuses if e["status"] != "ok" and not e["status"].startswith("skipped")]
-    return 1 if bad else 0
+    fakes = set(headline.FAULTS)
+    bad = [e for e in statuses if e["status"] != "ok" and not e["status"].startswith("skipped")
+           and e.get("group") not in fakes]
+    failed = [r for stage in ("kernel", "module", "e2e") for r in results_file.rows(entries, stage)
+              if r["status"] == "failed" and r.get("impl") not in fakes]
+    return 1 if bad or failed else 0
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ BACKENDS = ("auto", "torch", *_FUSED_MODULES)
 
 # backend="auto": the fused backends per dtype, most preferred first (the first that can run wins,
 # torch after them). It follows the last GPU run that timed both side by side: its kernel table's
-# forward+backward medians at the presets (benchmarks.headline.fused_order, in that run's
+# forward+backward medians at the presets (benchmarks.gpu_summary.fused_order, in that run's
 # SUMMARY.md). No GPU run has timed them yet, so the order is reasoned, not measured: cuda first in
 # every dtype. fp16 / bf16: both run 16-row tensor-core tiles over K/V read in place, with the same
 # tiling of windows; the CUDA kernels launch from C++ with a plan cached per layout (the Triton
