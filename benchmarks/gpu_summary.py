@@ -223,9 +223,9 @@ def render(entries: list[dict]) -> str:
     """SUMMARY.md from the results lines: groups and their times, the targets, then each table."""
     out = ["# GPU check", ""]
     statuses = stage_statuses(entries)
-    out += _table(["stage", "group", "status", "wall s", "log"],
-                  [[e["stage"], str(e.get("group") or "-"), e["status"], _f(e.get("wall_s"), ".1f"), e.get("log", "")]
-                   for e in statuses])
+    out += _table(["stage", "group", "status", "wall s", "log", "note"],
+                  [[e["stage"], str(e.get("group") or "-"), e["status"], _f(e.get("wall_s"), ".1f"), e.get("log", ""),
+                    e.get("note") or ""] for e in statuses])
     pre = rows(entries, "preflight")
     if pre:
         p = pre[-1]

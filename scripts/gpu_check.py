@@ -139,7 +139,7 @@ class Check:
             results_file.append(self.results, stage, event="lost", item=item, reason=detail)
 
     # -- one group of items, one process at a time ---------------------------------------------------
-    def group(self, step: Step, extra: list[str] = ()) -> str:
+    def group(self, step: Step, extra: list[str] = (), note: str | None = None) -> str:
         """Run the step's items, restarting after a crash, until each has ended or time is out;
         records and returns the group's status."""
         t0 = time.monotonic()
@@ -182,7 +182,7 @@ class Check:
                       flush=True)
             work = left
         status = "ok" if not problems else "; ".join(problems)
-        self.record(step.stage, step.group, status, time.monotonic() - t0)
+        self.record(step.stage, step.group, status, time.monotonic() - t0, note=note)
         return status
 
     def _start(self, cmd: list[str], log: str) -> tuple[subprocess.Popen, int]:
@@ -340,6 +340,10 @@ class Build:
                                          start_new_session=True)
         print(f"== build: started in the background (pid {self.proc.pid})", flush=True)
 
+    def running(self) -> bool:
+        """Whether the build is still compiling (its nvcc jobs share the host with the timings)."""
+        return self.proc is not None and self.status is None and self.proc.poll() is None
+
     def finish(self) -> bool:
         """Wait for the build (within BUILD_CAP_S of its start and the budget), then check that
         cos_kernels._C loads, within a minute."""
@@ -393,7 +397,7 @@ def run(check: Check, steps: tuple[Step, ...], workers: int) -> None:
             backend = "torch" if check.dry else gpu_summary.best_fused(kernel) or "torch"
             check.group(step, ["--backend", backend])
         else:
-            check.group(step)
+            check.group(step, note="while the extension built" if build.running() else None)
     if build is not None and build.status is None:
         build.finish()  # a plan without CUDA groups still reports its build
 
