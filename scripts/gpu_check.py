@@ -35,6 +35,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,9 +127,19 @@ class Check:
               flush=True)
 
     def render(self) -> None:
+        """SUMMARY.md and kernel.png from the results so far; a rendering bug costs the summary, never
+        the run (the results file holds everything)."""
         entries = results_file.read(self.results)
-        (self.out / "SUMMARY.md").write_text(gpu_summary.render(entries))
-        gpu_summary.plot(entries, self.out / "kernel.png")
+        try:
+            text = gpu_summary.render(entries)
+        except Exception:  # noqa: BLE001
+            text = "# GPU check\n\nSUMMARY.md could not be rendered; results.jsonl holds every row.\n\n```\n" + \
+                traceback.format_exc() + "```\n"
+        (self.out / "SUMMARY.md").write_text(text)
+        try:
+            gpu_summary.plot(entries, self.out / "kernel.png")
+        except Exception:  # noqa: BLE001
+            traceback.print_exc()
 
     def lose(self, stage: str, work: list[str], status: str, detail: str) -> None:
         """Rows (and ended events) for items no process finished."""
@@ -336,8 +347,13 @@ class Build:
         with open(check.out / "build.log", "a") as f:
             f.write(f"==== build: {' '.join(cmd)} (TORCH_CUDA_ARCH_LIST=9.0, MAX_JOBS={env['MAX_JOBS']})\n")
             f.flush()
-            self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+            try:
+                self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
+                                             start_new_session=True)
+            except OSError as err:
+                self.status = f"could not start: {type(err).__name__}: {err}"
+                check.record("build", "cuda", self.status, 0.0)
+                return
         print(f"== build: started in the background (pid {self.proc.pid})", flush=True)
 
     def running(self) -> bool:
@@ -372,34 +388,43 @@ class Build:
 def run(check: Check, steps: tuple[Step, ...], workers: int) -> None:
     build = None
     for n, step in enumerate(steps):
-        if step.stage == "preflight":
-            check.group(step)
-            build = Build(check)  # after the preflight's bandwidth and matmul measurements
-        elif step.stage == "tests":
-            if step.group == "cuda" and not build.finish():
-                check.record("tests", "cuda", "not run: the CUDA extension did not build (build.log)", 0.0)
-                continue
-            # the test stages share what is left in proportion to their expected times
-            share = step.est_s / sum(s.est_s for s in steps[n:] if s.stage == "tests")
-            check.command("tests", step.group, pytest_cmd(check, "cuda" if step.group == "cuda" else "not cuda",
-                                                          workers), (check.left() - 5) * share)
-        elif step.after_build and not build.finish():
-            check.lose(step.stage, step.work(check.dry), "not run",
-                       f"the CUDA extension did not build ({build.status}; build.log)")
-            check.record(step.stage, step.group, "not run: the CUDA extension did not build", 0.0)
-        elif step.group == "flash_varlen" and importlib.util.find_spec("flash_attn") is None:
-            check.lose(step.stage, step.work(check.dry), "skipped",
-                       "flash_attn is not installed")
-            check.record(step.stage, step.group, "skipped: flash_attn is not installed", 0.0)
-        elif step.stage == "e2e":
-            kernel = results_file.rows(results_file.read(check.results), "kernel")
-            # the dry run times whole steps on the torch backend: the interpreter would take minutes
-            backend = "torch" if check.dry else gpu_summary.best_fused(kernel) or "torch"
-            check.group(step, ["--backend", backend])
-        else:
-            check.group(step, note="while the extension built" if build.running() else None)
+        try:
+            build = run_step(check, steps, n, step, build, workers)
+        except Exception as err:  # noqa: BLE001 - a driver bug costs its step, never the run
+            traceback.print_exc()
+            check.record(step.stage, step.group, f"driver error: {type(err).__name__}: {err}"[:300], 0.0)
     if build is not None and build.status is None:
         build.finish()  # a plan without CUDA groups still reports its build
+
+
+def run_step(check: Check, steps: tuple[Step, ...], n: int, step: Step, build: Build | None, workers: int):
+    """Step n of the plan -> the build (the preflight step starts it)."""
+    if step.stage == "preflight":
+        check.group(step)
+        return Build(check)  # after the preflight's bandwidth and matmul measurements
+    if step.stage == "tests":
+        if step.group == "cuda" and not build.finish():
+            check.record("tests", "cuda", "not run: the CUDA extension did not build (build.log)", 0.0)
+            return build
+        # the test stages share what is left in proportion to their expected times
+        share = step.est_s / sum(s.est_s for s in steps[n:] if s.stage == "tests")
+        selection = "cuda" if step.group == "cuda" else "not cuda"
+        check.command("tests", step.group, pytest_cmd(check, selection, workers), (check.left() - 5) * share)
+    elif step.after_build and not build.finish():
+        check.lose(step.stage, step.work(check.dry), "not run",
+                   f"the CUDA extension did not build ({build.status}; build.log)")
+        check.record(step.stage, step.group, "not run: the CUDA extension did not build", 0.0)
+    elif step.group == "flash_varlen" and importlib.util.find_spec("flash_attn") is None:
+        check.lose(step.stage, step.work(check.dry), "skipped", "flash_attn is not installed")
+        check.record(step.stage, step.group, "skipped: flash_attn is not installed", 0.0)
+    elif step.stage == "e2e":
+        kernel = results_file.rows(results_file.read(check.results), "kernel")
+        # the dry run times whole steps on the torch backend: the interpreter would take minutes
+        backend = "torch" if check.dry else gpu_summary.best_fused(kernel) or "torch"
+        check.group(step, ["--backend", backend])
+    else:
+        check.group(step, note="while the extension built" if build.running() else None)
+    return build
 
 
 def main(argv=None) -> int:

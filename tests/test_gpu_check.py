@@ -197,6 +197,28 @@ def test_a_command_that_overruns_is_killed_and_the_wait_is_bounded(tmp_path):
     assert "started" in (tmp_path / "tests.log").read_text()
 
 
+def test_a_driver_bug_costs_its_step_and_a_render_bug_the_summary(tmp_path, monkeypatch):
+    check = gpu_check.Check(tmp_path, 60, "dry")
+    steps = tuple(gpu_check.Step("kernel", g, 1) for g in ("torch", "sdpa_mask", "triton"))
+    ran = []
+
+    def run_step(check, steps, n, step, build, workers):
+        ran.append(step.group)
+        if step.group == "sdpa_mask":
+            raise KeyError("a bug in the driver")
+        return build
+
+    monkeypatch.setattr(gpu_check, "run_step", run_step)
+    gpu_check.run(check, steps, workers=1)
+    assert ran == ["torch", "sdpa_mask", "triton"]
+    [status] = gpu_results.stage_statuses(gpu_results.read(check.results))
+    assert status["group"] == "sdpa_mask" and status["status"] == "driver error: KeyError: 'a bug in the driver'"
+    monkeypatch.setattr(gpu_summary, "render", lambda entries: 1 / 0)
+    check.render()
+    text = (tmp_path / "SUMMARY.md").read_text()
+    assert "could not be rendered" in text and "ZeroDivisionError" in text
+
+
 def test_the_plans_fit_the_budgets():
     """The default call leaves 4 of the 15 device minutes for a --quick call after the machine's
     start; each plan's expected seconds fit its budget; --quick is the kernel table of both fused
