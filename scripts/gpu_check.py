@@ -176,9 +176,9 @@ class Check:
                 break
             why = outcome + (f" (CUDA context poisoned: {poisoned})" if poisoned else "")
             last = _last_error(self.out / LOGS[step.stage], offset)
-            if current is not None:
-                self.lose(step.stage, [current], "failed", f"its process {why} during this item" +
-                          (f"; last error: {last}" if last else ""))
+            if current is not None:  # a process stopped for time did not fail: it ran out of it
+                self.lose(step.stage, [current], "not run" if outcome.startswith("was stopped") else "failed",
+                          f"its process {why} during this item" + (f"; last error: {last}" if last else ""))
                 problems.append(f"{current}: {why}")
                 left.remove(current)
             elif not finished:  # died before its first item: a fresh process would too

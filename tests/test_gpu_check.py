@@ -129,7 +129,7 @@ FAKE_CHILD = textwrap.dedent('''
         if item == "crash":
             print("RuntimeError: a fault the process never survives", flush=True)
             os._exit(9)
-        if item == "hang":
+        if item.startswith("hang"):
             time.sleep(600)
         if item == "poison":
             event("poisoned", item, error="AcceleratorError: an illegal memory access")
@@ -185,6 +185,19 @@ def test_measurements_stop_at_their_share_of_the_budget(tmp_path):
     kernel = gpu_results.rows(gpu_results.read(tmp_path / "results.jsonl"), "kernel")
     assert [r["status"] for r in kernel] == ["not run"] * len(headline.kernel_cases(True))
     assert all(r["impl"] == "torch" and r["case"] for r in kernel)
+
+
+def test_an_item_running_when_the_measurements_time_ends_is_stopped_not_failed(tmp_path):
+    check = _fake_check(tmp_path, budget_s=7.0)
+    key = headline.kernel_cases(True)[0].key  # kernel items named as the real ones, so they get rows
+    status = check.group(gpu_check.Step("kernel", "torch", 1, item_cap_s=60, items=(f"hang@{key}", f"torch@{key}")))
+    entries = gpu_results.read(tmp_path / "results.jsonl")
+    lost = {e["item"]: e["reason"] for e in gpu_results.events(entries) if e["event"] == "lost"}
+    assert "was stopped: the measurements' share of the budget ran out during this item" in lost[f"hang@{key}"]
+    assert "no time left" in lost[f"torch@{key}"]
+    assert [(r["impl"], r["status"]) for r in gpu_results.rows(entries, "kernel")] == [("hang", "not run"),
+                                                                                       ("torch", "not run")]
+    assert status.startswith(f"hang@{key}: was stopped") and status.endswith("1 item(s) not run: no time left")
 
 
 def test_a_command_that_overruns_is_killed_and_the_wait_is_bounded(tmp_path):
