@@ -203,7 +203,8 @@ class Check:
             f.flush()
             offset = f.tell()
             proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=f, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+                                    preexec_fn=child_setup)
+        RUNNING.add(proc)
         return proc, offset
 
     def _watch(self, proc: subprocess.Popen, step: Step) -> tuple[str, str | None]:
@@ -246,6 +247,31 @@ class Check:
         self.record(stage, group, status, time.monotonic() - t0, **extra)
         tail(self.out / LOGS[stage], 12 if status == "ok" else 30)
         return status
+
+
+RUNNING: set[subprocess.Popen] = set()  # every child started, so that a signal can end them all
+
+
+def child_setup() -> None:
+    """In each child before it runs: its own process group (killpg ends it with its descendants),
+    inside this session (the device tool ends a session's processes when the call returns, not those
+    of another session), and SIGKILL when this driver dies, even by SIGKILL (Linux prctl)."""
+    os.setpgid(0, 0)
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def end_children(signum, _frame) -> None:
+    """SIGTERM / SIGINT / SIGHUP: kill every child's process group, then exit (the results so far stay)."""
+    for proc in list(RUNNING):
+        if proc.poll() is None:
+            kill(proc, grace_s=5.0)
+    print(f"gpu_check: ended by {signal.Signals(signum).name}; the results so far are in results.jsonl", flush=True)
+    sys.exit(128 + signum)
 
 
 def _exit_outcome(code: int) -> str:
@@ -349,7 +375,8 @@ class Build:
             f.flush()
             try:
                 self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
-                                             start_new_session=True)
+                                             preexec_fn=child_setup)
+                RUNNING.add(self.proc)
             except OSError as err:
                 self.status = f"could not start: {type(err).__name__}: {err}"
                 check.record("build", "cuda", self.status, 0.0)
@@ -468,4 +495,6 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     if shutil.which("nvidia-smi") is None and "--dry" not in sys.argv:
         print("gpu_check: no nvidia-smi on this machine; on a CPU use --dry", file=sys.stderr)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, end_children)
     sys.exit(main())

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -198,6 +199,51 @@ def test_an_item_running_when_the_measurements_time_ends_is_stopped_not_failed(t
     assert [(r["impl"], r["status"]) for r in gpu_results.rows(entries, "kernel")] == [("hang", "not run"),
                                                                                        ("torch", "not run")]
     assert status.startswith(f"hang@{key}: was stopped") and status.endswith("1 item(s) not run: no time left")
+
+
+DRIVER = textwrap.dedent('''
+    import signal, sys
+    from pathlib import Path
+    sys.path[:0] = [{scripts!r}, {root!r}]
+    import gpu_check
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, gpu_check.end_children)
+    check = gpu_check.Check(Path({out!r}), 300, "dry")
+    check.child = [sys.executable, {child!r}]
+    check.group(gpu_check.Step("preflight", "fake", 1, item_cap_s=300, items=("hang",)))
+''')
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])
+def test_a_driver_ended_by_a_signal_leaves_no_child_running(tmp_path, signum):
+    """The device tool ends a call's processes when it returns, but not those of another session:
+    every child stays in the driver's session, and dies with it, even when the driver is SIGKILLed."""
+    child = tmp_path / "fake_child.py"
+    child.write_text(FAKE_CHILD)
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER.format(scripts=str(ROOT / "scripts"), root=str(ROOT), out=str(tmp_path),
+                                    child=str(child)))
+    driver = subprocess.Popen([sys.executable, str(script)])
+    results, pid = tmp_path / "results.jsonl", None
+    for _ in range(200):
+        started = [e for e in gpu_results.events(gpu_results.read(results)) if e["event"] == "start"]
+        if started:
+            pid = started[0]["pid"]
+            break
+        time.sleep(0.1)
+    assert pid is not None, "the fake child never started"
+    assert os.getsid(pid) == os.getsid(driver.pid) and os.getpgid(pid) == pid
+    driver.send_signal(signum)
+    driver.wait(timeout=30)
+    for _ in range(100):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        pytest.fail(f"the child {pid} outlived its driver ({signal.Signals(signum).name})")
 
 
 def test_a_command_that_overruns_is_killed_and_the_wait_is_bounded(tmp_path):
