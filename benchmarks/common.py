@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 __all__ = [
-    "BACKEND_NAMES", "backend_skip_reason", "BenchEnv", "make_env", "time_call", "peak_bytes", "peak_memory", "record",
+    "BACKEND_NAMES", "backend_skip_reason", "error_line", "cuda_context_error", "BenchEnv", "make_env", "time_call", "peak_bytes", "peak_memory", "record",
     "check_close", "DTYPES", "param_bytes", "count_matmul_flops", "rel_error", "set_group",
 ]
 
@@ -40,6 +40,27 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 # the error of the eager torch path in the same dtype plus this allowance. A wrong implementation
 # fails its benchmark instead of reporting a flattering number.
 _ALLOWANCE = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 5e-3}
+
+
+# ---- errors ---------------------------------------------------------------------------------------
+def error_line(err: BaseException) -> str:
+    """The exception's type and the first line of its message (at most 300 characters)."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0][:300] if lines else ''}"
+
+
+def cuda_context_error() -> str | None:
+    """None where this process has no CUDA context or its context still runs work (a synchronise and
+    a tiny kernel), else the error that raised: a sticky error (an illegal address) poisons every
+    later call in the process."""
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    try:
+        torch.cuda.synchronize()
+        torch.empty(1, device="cuda").add_(1).item()
+    except Exception as err:  # noqa: BLE001 - torch.AcceleratorError / RuntimeError alike
+        return error_line(err)
+    return None
 
 
 # ---- backends -------------------------------------------------------------------------------------

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from . import peers
 from .gpu_results import rows, stage_statuses
+from .headline import FAULTS, FUSED, LAUNCH_PASSES, PASSES
 
-IMPL_ORDER = ("triton", "cuda", "torch", "sdpa_mask", "flex", "flash_varlen", "fault_raise", "fault_exit")
-PASS_ORDER = ("fwd", "bwd", "bwd_dq", "bwd_dkdv", "fwdbwd", None)
-FUSED = ("triton", "cuda")
-PEERS = ("torch", "sdpa_mask", "flex", "flash_varlen")  # what a fused backend must beat
+PEERS = ("torch", *peers.PEERS)  # what a fused backend must beat
+IMPL_ORDER = (*FUSED, *PEERS, *FAULTS)  # the tables' order: fused backends first
+PASS_ORDER = (*PASSES[:2], *LAUNCH_PASSES, *PASSES[2:], None)  # fwd, bwd, its launches, fwdbwd
 
 
 def _f(x, fmt: str = ".3g") -> str:
@@ -40,9 +41,9 @@ def kernel_speedups(kernel_rows: list[dict]) -> dict:
     ms = {(r["case"], r["impl"], r["pass"]): r["median_ms"] for r in kernel_rows if _ok(r)}
     out = {}
     for (case, impl, pass_), t in ms.items():
-        peers = [v for (c, i, p), v in ms.items() if c == case and p == pass_ and i in PEERS and i != impl]
+        others = [v for (c, i, p), v in ms.items() if c == case and p == pass_ and i in PEERS and i != impl]
         torch_t = ms.get((case, "torch", pass_))
-        out[case, impl, pass_] = (None if torch_t is None else torch_t / t, min(peers) / t if peers else None)
+        out[case, impl, pass_] = (None if torch_t is None else torch_t / t, min(others) / t if others else None)
     return out
 
 
@@ -65,10 +66,7 @@ def fused_order(kernel_rows: list[dict]) -> dict[str, list[str]]:
 
 def best_fused(kernel_rows: list[dict]) -> str | None:
     """The fused backend that passed validation in every case and is fastest forward+backward."""
-    order = fused_order(kernel_rows)
-    for dtype_order in order.values():
-        return dtype_order[0]
-    return None
+    return next((order[0] for order in fused_order(kernel_rows).values()), None)
 
 
 def _kernel_section(kernel: list[dict]) -> list[str]:
@@ -181,11 +179,11 @@ def targets(entries: list[dict]) -> list[tuple[str, str, bool | None]]:
             out.append((f"{case}: best fused ({best or '-'}) {pass_} >= {bound:.0%} of copy bandwidth",
                         _f(frac, ".1%"), None if frac is None else frac >= bound))
         fb = ms.get((case, best, "fwdbwd")) if best else None
-        peers = {p: ms[case, p, "fwdbwd"]["median_ms"] for p in PEERS if (case, p, "fwdbwd") in ms}
-        if fb and peers:
-            worst_peer = min(peers, key=peers.get)
-            x = peers[worst_peer] / fb["median_ms"]
-            out.append((f"{case}: fwd+bwd >= 2x every peer (timed: {', '.join(peers)})",
+        timed = {p: ms[case, p, "fwdbwd"]["median_ms"] for p in PEERS if (case, p, "fwdbwd") in ms}
+        if fb and timed:
+            worst_peer = min(timed, key=timed.get)
+            x = timed[worst_peer] / fb["median_ms"]
+            out.append((f"{case}: fwd+bwd >= 2x every peer (timed: {', '.join(timed)})",
                         f"{x:.2f}x over {worst_peer}", x >= 2))
         else:
             out.append((f"{case}: fwd+bwd >= 2x every peer", "-", None))

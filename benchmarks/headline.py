@@ -6,8 +6,9 @@ the items left when it crashes, hangs or finds its CUDA context poisoned:
 
     python -m benchmarks.headline STAGE --results FILE --group G --items A,B,... [--backend B] [--dry]
 
-Items: preflight ("preflight"); kernel "IMPL@PRESET" (a backend or peer at a case); module
-"BACKEND@PRESET" (unfused and fused resampler); e2e "MODEL@BRIDGE" (a stage-1 step). Around each
+Items: preflight ("preflight"); kernel "IMPL@CASE" (a backend or peer at a case, CASE its key such
+as "cos-80:256x16x64"); module "BACKEND@CASE" (unfused and fused resampler); e2e "MODEL@BRIDGE" (a
+stage-1 step). Around each
 item the process appends a start and a done event to FILE (benchmarks/gpu_results.py), and its rows
 as soon as each exists, so a killed process keeps every row it finished and the driver knows the
 item it was in. After an item fails, the process synchronises the device: if the CUDA context is
@@ -46,13 +47,14 @@ if "--dry" in sys.argv and "TRITON_INTERPRET" not in os.environ:
 
 import torch  # noqa: E402
 
+from .common import BACKEND_NAMES, cuda_context_error as context_poisoned, error_line as _error  # noqa: E402
 from .gpu_results import append, read, row, rows  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("preflight", "kernel", "module", "e2e")
 PASSES = ("fwd", "bwd", "fwdbwd")
 LAUNCH_PASSES = ("bwd_dq", "bwd_dkdv")  # the backward's two launches, fused backends only
-FUSED = ("triton", "cuda")
+FUSED = tuple(b for b in BACKEND_NAMES if b != "torch")  # every fused backend of the package
 PEERS_FIRST = ("torch", "sdpa_mask", "flash_varlen")  # then the fused backends; flex (compiles) last
 KERNEL_IMPLS = (*PEERS_FIRST, *FUSED, "flex")
 # Dry-run fakes: fault_raise raises inside every call (a failed row, the process goes on);
@@ -96,25 +98,6 @@ def make_env(dry: bool, entries: list[dict]):
         if pre[-1]["matmul_TFLOPs"] and pre[-1]["matmul_dtype"] == str(dtype):
             env.matmul_flops_per_s = pre[-1]["matmul_TFLOPs"] * 1e12
     return env
-
-
-def _error(err: BaseException) -> str:
-    """The exception's type and the first line of its message (at most 300 characters)."""
-    lines = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {lines[0][:300] if lines else ''}"
-
-
-def context_poisoned() -> str | None:
-    """None where the CUDA context (if this process made one) still runs work, else the error that
-    synchronising it raised."""
-    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
-        return None
-    try:
-        torch.cuda.synchronize()
-        torch.empty(1, device="cuda").add_(1).item()
-    except Exception as err:  # noqa: BLE001 - torch.AcceleratorError / RuntimeError: the context is gone
-        return _error(err)
-    return None
 
 
 def _free(env) -> None:
@@ -216,14 +199,13 @@ def run_items(stage: str, group: str, work: list[str], results: Path, dry: bool,
         bad = poisoned()
         if bad is not None:
             append(results, stage, event="poisoned", item=item, group=group, pid=pid, error=bad)
-            append(results, stage, event="done", item=item, group=group, pid=pid, wall_s=time.perf_counter() - t0)
-            print(f"-- {stage} {item}: the CUDA context is unusable ({bad}); ending this process", flush=True)
-            sys.stdout.flush()
-            exit(POISONED_EXIT)
-            return
         append(results, stage, event="done", item=item, group=group, pid=pid, wall_s=round(time.perf_counter() - t0, 2))
         print(f"-- {stage} {item}: {'FAILED ' + failure if failure else 'done'} in {time.perf_counter() - t0:.1f} s",
               flush=True)
+        if bad is not None:
+            print(f"-- {stage} {item}: the CUDA context is unusable ({bad}); ending this process", flush=True)
+            exit(POISONED_EXIT)
+            return  # where ``exit`` returns (a test's)
 
 
 # ---- preflight ------------------------------------------------------------------------------------
@@ -235,7 +217,7 @@ def _run(cmd: list[str]) -> str:
         return f"unavailable ({_error(err)})"
 
 
-def stage_preflight(results: Path, dry: bool, item: str) -> None:
+def stage_preflight(results: Path, dry: bool) -> None:
     from .common import library_versions, make_env as _make_env
 
     sys.path.insert(0, str(ROOT))
@@ -304,17 +286,6 @@ def _kernel_impl(name, case, cases, layout, q_shape, env, scale):
     return (None, reason) if reason else (backend_fn(name), None)
 
 
-def launch_floor_bytes(case, layout, env, pass_: str) -> float:
-    """Fewest bytes of one backward launch: dQ+delta reads q, o, dO, k, v, lse and writes dq, delta;
-    dK/dV reads q, dO, k, v, lse, delta and writes dk, dv."""
-    e = torch.tensor([], dtype=env.dtype).element_size()
-    B, H, D = case.batch, case.heads, case.head_dim
-    qb = B * layout.total_queries * H * D * e
-    kvb = B * layout.num_scales * layout.num_patches * H * D * e
-    stat = B * H * layout.total_queries * 4
-    return float({"bwd_dq": 4 * qb + 2 * kvb + 2 * stat, "bwd_dkdv": 2 * qb + 4 * kvb + 2 * stat}[pass_])
-
-
 class Runner:
     """What the items of one process share: the results file, the environment, the float64
     references of the latest case (benchmarks.cases.Store) and the stage's cases."""
@@ -338,12 +309,17 @@ class KernelRunner(Runner):
         from .test_kernel import make_inputs
 
         if self.inputs[0] != case:
-            self.inputs = (None, None)
+            self.inputs = (None, None)  # the old case's tensors go before the new ones are made
             self.inputs = (case, make_inputs(case, layout, self.env, "contiguous", requires_grad=True))
         return self.inputs[1]
 
     def _row(self, **values) -> None:
         append(self.results, "kernel", row=row("kernel", dtype=self.env.dtype_name, **values))
+
+    def _copy_fraction(self, floor: float, ms: float | None) -> float | None:
+        """floor bytes moved in ``ms``, as a fraction of the measured copy bandwidth."""
+        copy = self.env.copy_bytes_per_s
+        return floor / (ms * 1e-3) / copy if copy and ms else None
 
     def __call__(self, item: str) -> None:
         from cos_kernels import CoSConfig
@@ -398,18 +374,17 @@ class KernelRunner(Runner):
                 if context_poisoned():
                     raise ContextPoisoned(note) from err
         gbps = floor / (med * 1e-3) / 1e9
-        copy = env.copy_bytes_per_s
         self._row(**base, **{"pass": pass_}, status="ok", median_ms=med, min_ms=lo, max_ms=hi, graph_ms=graph[1],
                   graph_min_ms=graph[0], graph_max_ms=graph[2], bytes_floor=floor, GBps=gbps,
-                  copy_fraction=floor / (med * 1e-3) / copy if copy else None,
-                  graph_copy_fraction=floor / (graph[1] * 1e-3) / copy if copy and graph[1] else None,
-                  max_rel_error=worst, detail=note)
+                  copy_fraction=self._copy_fraction(floor, med),
+                  graph_copy_fraction=self._copy_fraction(floor, graph[1]), max_rel_error=worst, detail=note)
         print(f"  {case.label} {base['impl']:12s} {pass_:6s} {med:9.4f} ms [{lo:.4f}, {hi:.4f}]  graph "
               f"{'-' if graph[1] is None else format(graph[1], '.4f')} ms  {gbps:8.1f} GB/s", flush=True)
 
     def _time_launches(self, base, case, layout, fn, q, k, v, dout, leaves, worst) -> None:
         """The backward's dQ+delta and dK/dV launches apart, each against its own floor."""
         from .device_timing import launch_times, spread
+        from .test_kernel import floor_bytes
 
         env = self.env
         try:
@@ -429,10 +404,9 @@ class KernelRunner(Runner):
                           detail=f"no {pass_} launch found once per call (found {sorted(launches)})")
                 continue
             lo, med, hi = spread(launches[pass_])
-            floor = launch_floor_bytes(case, layout, env, pass_)
-            copy = env.copy_bytes_per_s
+            floor = floor_bytes(case, layout, env, pass_)
             self._row(**base, **{"pass": pass_}, status="ok", median_ms=med, min_ms=lo, max_ms=hi, bytes_floor=floor,
-                      GBps=floor / (med * 1e-3) / 1e9, copy_fraction=floor / (med * 1e-3) / copy if copy else None,
+                      GBps=floor / (med * 1e-3) / 1e9, copy_fraction=self._copy_fraction(floor, med),
                       max_rel_error=worst, detail=f"device time from the profiler; other kernels {other:.4f} ms per call")
             print(f"  {case.label} {base['impl']:12s} {pass_:8s} {med:9.4f} ms (device)", flush=True)
 
@@ -633,7 +607,7 @@ def main(argv=None) -> int:
     if not set(work) <= set(known):
         parser.error(f"--items: unknown {sorted(set(work) - set(known))}; the {args.group} group's items: {known}")
     if args.stage == "preflight":
-        runner = lambda item: stage_preflight(args.results, args.dry, item)  # noqa: E731
+        runner = lambda _item: stage_preflight(args.results, args.dry)  # noqa: E731
     elif args.stage == "kernel":
         runner = KernelRunner(args.results, args.dry)
     elif args.stage == "module":

@@ -106,6 +106,9 @@ def _validate(store, impl, impl_fn, case, layout, scale, env, kv_layout) -> dict
 
 
 def floor_bytes(case, layout, env, pass_: str) -> float:
+    """Fewest bytes of ``pass_``: fwd, bwd, fwdbwd (module docstring), or one of the fused backward's
+    two launches: bwd_dq reads q, o, dO, k, v, lse and writes dq, delta; bwd_dkdv reads q, dO, k, v,
+    lse, delta and writes dk, dv."""
     e = torch.tensor([], dtype=env.dtype).element_size()
     B, H, D = case.batch, case.heads, case.head_dim
     qb = B * layout.total_queries * H * D * e
@@ -113,7 +116,8 @@ def floor_bytes(case, layout, env, pass_: str) -> float:
     lse = B * H * layout.total_queries * 4
     fwd = 2 * qb + 2 * kvb + lse
     bwd = 4 * qb + 4 * kvb + lse
-    return {"fwd": fwd, "bwd": bwd, "fwdbwd": fwd + bwd}[pass_]
+    return {"fwd": fwd, "bwd": bwd, "fwdbwd": fwd + bwd,
+            "bwd_dq": 4 * qb + 2 * kvb + 2 * lse, "bwd_dkdv": 2 * qb + 4 * kvb + 2 * lse}[pass_]
 
 
 def useful_flops(case, layout, pass_: str) -> float:

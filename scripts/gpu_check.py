@@ -58,9 +58,9 @@ PER_TEST_TIMEOUT_S = {"gpu": 90, "dry": 300}
 
 @dataclass(frozen=True)
 class Step:
-    """One group of items (a process, restarted after a crash), or the build's wait ("build"), or a
-    test stage ("tests"). est_s: expected seconds on the H200 (process start included); item_cap_s:
-    the most one item may take before its process is killed."""
+    """One group of items (a process, restarted after a crash), or a test stage ("tests").
+    est_s: expected seconds on the H200 (process start included); item_cap_s: the most one item may
+    take before its process is killed."""
 
     stage: str
     group: str
@@ -196,13 +196,15 @@ class Check:
         self.record(step.stage, step.group, status, time.monotonic() - t0, note=note)
         return status
 
-    def _start(self, cmd: list[str], log: str) -> tuple[subprocess.Popen, int]:
+    def _start(self, cmd: list[str], log: str, env: dict | None = None) -> tuple[subprocess.Popen, int]:
+        """``cmd`` in the background (a child of this session, child_setup), its output appended to
+        ``log`` -> (process, where its output starts in the log)."""
         path = self.out / log
         with open(path, "a") as f:
             f.write(f"\n==== {' '.join(cmd)}\n")
             f.flush()
             offset = f.tell()
-            proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=f, stderr=subprocess.STDOUT,
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=env or self.env, stdout=f, stderr=subprocess.STDOUT,
                                     preexec_fn=child_setup)
         RUNNING.add(proc)
         return proc, offset
@@ -236,7 +238,7 @@ class Check:
             time.sleep(POLL_S)
 
     # -- plain commands (build, tests) ---------------------------------------------------------------
-    def command(self, stage: str, group: str, cmd: list[str], timeout: float, env=None, **extra) -> str:
+    def command(self, stage: str, group: str, cmd: list[str], timeout: float, **extra) -> str:
         if timeout < 5:
             self.record(stage, group, "not run: no time left in the budget", 0.0, **extra)
             return "not run"
@@ -371,16 +373,13 @@ class Build:
                "MAX_JOBS": str(max(2, (os.cpu_count() or 4) // 2))}
         cmd = [check.python, "-m", "pip", "install", "-v", "--no-build-isolation", "--no-deps", "-e", "."]
         with open(check.out / "build.log", "a") as f:
-            f.write(f"==== build: {' '.join(cmd)} (TORCH_CUDA_ARCH_LIST=9.0, MAX_JOBS={env['MAX_JOBS']})\n")
-            f.flush()
-            try:
-                self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
-                                             preexec_fn=child_setup)
-                RUNNING.add(self.proc)
-            except OSError as err:
-                self.status = f"could not start: {type(err).__name__}: {err}"
-                check.record("build", "cuda", self.status, 0.0)
-                return
+            f.write(f"==== build: TORCH_CUDA_ARCH_LIST=9.0, MAX_JOBS={env['MAX_JOBS']}\n")
+        try:
+            self.proc, _ = check._start(cmd, "build.log", env)
+        except OSError as err:
+            self.status = f"could not start: {type(err).__name__}: {err}"
+            check.record("build", "cuda", self.status, 0.0)
+            return
         print(f"== build: started in the background (pid {self.proc.pid})", flush=True)
 
     def running(self) -> bool:

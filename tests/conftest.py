@@ -13,7 +13,8 @@ import os
 
 import torch
 
-from cuda_guard import _cuda_context_guard  # noqa: F401  (an autouse fixture)
-
 if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
+
+# after TRITON_INTERPRET: the guard imports benchmarks.common, which imports cos_kernels and triton
+from cuda_guard import _cuda_context_guard  # noqa: E402, F401  (an autouse fixture)

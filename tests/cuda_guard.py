@@ -8,21 +8,20 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import pytest
 
+ROOT = str(Path(__file__).resolve().parent.parent)
+if ROOT not in sys.path:  # the repository's benchmarks package, also under a plain `pytest tests`
+    sys.path.insert(0, ROOT)
+
+from benchmarks.common import cuda_context_error  # noqa: E402
+
 
 def cuda_error() -> str | None:
-    """None where this process has no CUDA context or its context still synchronises, else the error."""
-    import torch
-
-    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
-        return None
-    try:
-        torch.cuda.synchronize()
-    except Exception as err:  # noqa: BLE001 - torch.AcceleratorError / RuntimeError alike
-        return f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
-    return None
+    """None where this process has no CUDA context or it still runs work, else the error."""
+    return cuda_context_error()
 
 
 @pytest.fixture(autouse=True)
