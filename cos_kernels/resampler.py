@@ -469,7 +469,8 @@ def _read_saved(directory: Path) -> tuple[CoSConfig, dict[str, torch.Tensor], Pa
     saved_layout = _metadata_entry(metadata, "layout", weights, _layout_from_metadata)
     if saved_layout is not None and saved_layout != config.layout:
         raise ValueError(f"{weights} holds weights for {saved_layout} but {config_path} describes {config.layout}")
-    recorded = _metadata_entry(metadata, "config", weights, lambda text: CoSConfig.from_json_text(text, "it"))
+    recorded = _metadata_entry(metadata, "config", weights,
+                               lambda text: CoSConfig.from_json_text(text, "the entry"))
     implied = _shape_implied_fields(state)
     if recorded is not None:
         implied.update({f: (getattr(recorded, f), "as recorded in their 'config' metadata")

@@ -83,8 +83,8 @@ BAD_METADATA = [
     ("layout", '{"grid": 4}', r"metadata 'layout' = .* \(expected a JSON list of a layout's integers .*got dict\)"),
     ("layout", "[4, 6, 1]", r"metadata 'layout' = '\[4, 6, 1\]' .*\(a layout spec is \(GH, GW, wh, ww, n, \.\.\.\), got"),
     ("layout", '["4", 6, 4, 6, 3]', r"metadata 'layout' .*\(layout spec\[0\] must be an integer, got '4' \(str\)"),
-    ("config", "not json", r"metadata 'config' = 'not json' .*\(it is malformed JSON"),
-    ("config", '{"dim": "32"}', r"metadata 'config' .*\(it: CoSConfig.dim must be a positive integer, got '32' \(str\)\)"),
+    ("config", "not json", r"metadata 'config' = 'not json' .*\(the entry is malformed JSON"),
+    ("config", '{"dim": "32"}', r"metadata 'config' .*\(the entry: CoSConfig.dim must be a positive integer, got '32' \(str\)\)"),
 ]
 
 
