@@ -127,29 +127,44 @@ class CoSConfig(DictConfig):
     @classmethod
     def from_json(cls, text_or_path: str | os.PathLike) -> "CoSConfig":
         """From JSON text (a str whose stripped text starts with "{" or "[") or the path of a JSON
-        file (any other str, or an os.PathLike)."""
+        file (any other str, or an os.PathLike); a file's errors name it."""
         if isinstance(text_or_path, str) and text_or_path.lstrip()[:1] in ("{", "["):
-            text = text_or_path
-        elif isinstance(text_or_path, (str, os.PathLike)):
-            path = Path(text_or_path)
-            if not path.is_file():
-                raise FileNotFoundError(
-                    f"CoSConfig.from_json: {str(path)!r} is neither JSON text (starting with '{{' or "
-                    f"'[') nor an existing file"
-                )
-            text = path.read_text()
-        else:
+            return cls.from_json_text(text_or_path)
+        if not isinstance(text_or_path, (str, os.PathLike)):
             raise TypeError(
                 f"CoSConfig.from_json takes JSON text or a file path (str or os.PathLike), got "
                 f"{type(text_or_path).__name__}"
             )
+        path = Path(text_or_path)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"CoSConfig.from_json: {str(path)!r} is neither JSON text (starting with '{{' or "
+                f"'[') nor an existing file"
+            )
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path} is not UTF-8 text ({err}): expected a JSON object of CoSConfig fields") from None
+        return cls.from_json_text(text, str(path))
+
+    @classmethod
+    def from_json_text(cls, text: str, source: str = "CoSConfig JSON") -> "CoSConfig":
+        """From JSON text holding an object of CoSConfig fields; every error (ValueError, or TypeError
+        for a field's type) begins with ``source``, what the text came from."""
+        if not text.strip():
+            raise ValueError(f"{source} is empty: expected a JSON object of CoSConfig fields")
         try:
             d = json.loads(text)
         except json.JSONDecodeError as err:
-            raise ValueError(f"CoSConfig JSON is malformed: {err}") from None
+            raise ValueError(f"{source} is malformed JSON ({err}): expected a JSON object of CoSConfig "
+                             f"fields") from None
         if not isinstance(d, dict):
-            raise ValueError(f"CoSConfig JSON must be a JSON object {{...}}, got {type(d).__name__}")
-        return cls.from_dict(d)
+            raise ValueError(f"{source} must be a JSON object {{...}} of CoSConfig fields, got "
+                             f"{type(d).__name__} {text.strip()[:40]!r}")
+        try:
+            return cls.from_dict(d)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"{source}: {err}") from None
 
 
 def _window(value, what: str) -> int | list[int]:

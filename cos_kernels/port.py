@@ -48,11 +48,11 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from .atomic_io import atomic_file, atomic_text
 from .config import CoSConfig
-from .resampler import MultiScaleResampler
+from .resampler import (MultiScaleResampler, check_bool, check_device, check_finite, check_materialised, first_few,
+                        read_safetensors)
 
 __all__ = [
     "config_from_port",
@@ -77,7 +77,6 @@ PORT_CONFIG_NAME = "port_config.json"
 
 _PROJECTOR = "mm_projector"
 _HEAD_DIM = 64  # the port's heads: cos_out_dim // 64
-_SHOWN = 5  # offending keys shown in an error message
 _REQUIRED_KEYS = ("cos_tokens_per_side", "cos_window_sizes", "cos_n_query", "cos_seq_feat_levels",
                   "cos_out_dim", "cos_context_dim", "llm_dim")
 
@@ -355,54 +354,95 @@ def _port_names(state: Mapping) -> dict[str, str]:
     return names
 
 
-def _first(items: list) -> str:
-    return repr(items[:_SHOWN])[:-1] + (", ...]" if len(items) > _SHOWN else "]")
+def _first(items: list[str]) -> str:
+    """The first few of ``items`` as a list: ['a', 'b', ...]."""
+    return f"[{first_few([repr(x) for x in items])}]"
 
 
 # ---- files --------------------------------------------------------------------------------------
 def load_port_checkpoint(path_or_state, port_config: Mapping, *, dtype: torch.dtype | None = None,
-                         device=None, backend: str = "auto", fused: bool = True) -> MultiScaleResampler:
+                         device=None, backend: str = "auto", fused: bool = True,
+                         allow_nonfinite: bool = False) -> MultiScaleResampler:
     """A MultiScaleResampler holding a port checkpoint's weights (its own copies of them).
 
-    path_or_state: a state dict (see state_dict_from_port), or the path of one: ``.safetensors``, or
-    ``.bin`` / ``.pt`` / ``.pth`` (torch.load, weights_only=True, onto the CPU), such as LLaVA's
-    mm_projector.bin or a whole LLaVA checkpoint shard holding every mm_projector key.
+    path_or_state: a state dict (see state_dict_from_port), or the path of one (str, bytes or
+    os.PathLike): ``.safetensors``, or ``.bin`` / ``.pt`` / ``.pth`` (torch.load, weights_only=True,
+    onto the CPU), such as LLaVA's mm_projector.bin or a whole LLaVA checkpoint shard holding every
+    mm_projector key.
     dtype: the parameters' floating-point dtype (default: the checkpoint's cls tokens' dtype);
     device: where they go (default: the CPU); backend, fused: as MultiScaleResampler takes them.
+    Projector tensors holding NaN or Inf are refused (ValueError naming them) unless allow_nonfinite.
     Feature levels: config_from_port(port_config)[1].
     """
-    state = _read_state(path_or_state) if isinstance(path_or_state, (str, os.PathLike)) else path_or_state
+    check_bool(allow_nonfinite, "allow_nonfinite")
+    check_device(device)  # before reading the file
+    if isinstance(path_or_state, (str, bytes, os.PathLike)):
+        where = f"port checkpoint {os.fsdecode(path_or_state)!r}"
+        state = _read_state(os.fsdecode(path_or_state))
+    elif isinstance(path_or_state, Mapping):
+        where, state = "the port state dict", path_or_state
+    else:
+        raise TypeError(f"path_or_state must be a path (str, bytes or os.PathLike) or a port state dict, got "
+                        f"{type(path_or_state).__name__}")
     ours = {k: v.clone() for k, v in state_dict_from_port(state, port_config).items()}  # not views of ``state``
+    if not allow_nonfinite:  # checked under the port's names, which the file holds
+        check_finite({key: state[key] for key in _port_names(state).values()}, where)
     config, _ = config_from_port(port_config)
     return MultiScaleResampler.from_state_dict(config, ours, backend, fused, dtype=dtype, device=device,
-                                               where="the port state dict")
+                                               where=where, allow_nonfinite=True)
 
 
 def save_port_checkpoint(resampler: MultiScaleResampler, path: str | os.PathLike, feature_levels) -> None:
     """Write the port's form of ``resampler``: ``path`` (e.g. mm_projector.bin), torch.save of
     state_dict_to_port (keys prefixed "model.mm_projector.", CPU tensors), and beside it
     PORT_CONFIG_NAME, the port config (config_to_port) as JSON, to add to the port's COS_CONFIGS.
-    Each file is written atomically."""
-    state = {k: v.cpu() for k, v in state_dict_to_port(resampler, feature_levels).items()}
+    Each file is written atomically. A resampler whose weights are on the meta device is refused."""
+    state = state_dict_to_port(resampler, feature_levels)
+    check_materialised(resampler, "save")
+    state = {k: v.cpu() for k, v in state.items()}
     port_config = config_to_port(resampler.config, feature_levels)
-    path = Path(path)
+    path = Path(os.fsdecode(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_file(path, lambda tmp: torch.save(state, tmp))
     atomic_text(path.parent / PORT_CONFIG_NAME, json.dumps(port_config, indent=2) + "\n")
 
 
-def _read_state(path: str | os.PathLike) -> Mapping:
+def _read_state(path: str) -> Mapping:
+    """The state dict in the file ``path``; a file that is missing, a directory, of another suffix,
+    unreadable or not a state dict raises an error naming it, what it holds and what it should."""
     path = Path(path)
+    expected = "a state dict of tensors (.bin, .pt, .pth: torch.save; or .safetensors)"
+    if path.is_dir():
+        raise ValueError(f"port checkpoint {str(path)!r} is a directory: expected a file holding {expected}, "
+                         f"e.g. {str(path / PORT_WEIGHTS_NAME)!r}")
     if not path.is_file():
         raise FileNotFoundError(f"port checkpoint {str(path)!r} not found")
     if path.suffix == ".safetensors":
-        return load_file(path)
+        return read_safetensors(path, expected)[0]
     if path.suffix not in (".bin", ".pt", ".pth"):
         raise ValueError(f"port checkpoint {str(path)!r}: expected a .bin, .pt, .pth or .safetensors file")
-    state = torch.load(path, weights_only=True, map_location="cpu")
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except OSError:
+        raise
+    except Exception as err:  # torch.load's unpickler raises many types (EOFError, KeyError, UnpicklingError...)
+        raise ValueError(f"port checkpoint {str(path)!r} ({path.stat().st_size} bytes) cannot be read by "
+                         f"torch.load(weights_only=True) ({_load_failure(err)}): expected {expected}") from None
     if not isinstance(state, Mapping):
         raise TypeError(f"port checkpoint {str(path)!r} holds a {type(state).__name__}, not a state dict")
     return state
+
+
+def _load_failure(err: Exception) -> str:
+    """torch.load's error in one line: its line naming a refused global or operand where it has one
+    (a pickle of other objects than tensors, refused since loading it could run arbitrary code), else
+    its first line."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    refused = next((line for line in lines if "GLOBAL" in line or line.startswith("Unsupported")), None)
+    if refused is not None:
+        return f"{type(err).__name__}: {refused} (a pickle of objects other than tensors is refused, as " \
+               f"loading it could run arbitrary code)"
+    return f"{type(err).__name__}: {lines[0] if lines else 'unexpected end of file'}"
 
 
 # ---- command line -------------------------------------------------------------------------------
@@ -415,12 +455,16 @@ def build_parser() -> argparse.ArgumentParser:
     to_cos.add_argument("checkpoint", help="mm_projector.bin (or .pt, .pth, .safetensors)")
     to_cos.add_argument("port_config", help="JSON file of the cos_* keys (the port's COS_CONFIGS entry)")
     to_cos.add_argument("out_dir")
+    to_cos.add_argument("--allow-nonfinite", action="store_true",
+                        help="convert weights holding NaN or Inf (refused by default)")
     to_port = commands.add_parser(
         "to-port", help=f"save_pretrained directory -> {PORT_WEIGHTS_NAME} + {PORT_CONFIG_NAME}")
     to_port.add_argument("resampler_dir")
     to_port.add_argument("out_dir")
     to_port.add_argument("--feature-levels", type=int, nargs="+", required=True,
                          help="the ViT hidden_states index of each level, in order (e.g. 15 22)")
+    to_port.add_argument("--allow-nonfinite", action="store_true",
+                         help="convert weights holding NaN or Inf (refused by default)")
     return parser
 
 
@@ -430,9 +474,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "to-cos":
             port_config = _read_json(args.port_config)
-            load_port_checkpoint(args.checkpoint, port_config, backend="torch").save_pretrained(args.out_dir)
+            resampler = load_port_checkpoint(args.checkpoint, port_config, backend="torch",
+                                             allow_nonfinite=args.allow_nonfinite)
+            resampler.save_pretrained(args.out_dir)
         else:
-            resampler = MultiScaleResampler.from_pretrained(args.resampler_dir, backend="torch")
+            resampler = MultiScaleResampler.from_pretrained(args.resampler_dir, backend="torch",
+                                                            allow_nonfinite=args.allow_nonfinite)
             save_port_checkpoint(resampler, Path(args.out_dir) / PORT_WEIGHTS_NAME, args.feature_levels)
     except (ValueError, TypeError, OSError) as err:
         print(f"cos_kernels.port: error: {err}", file=sys.stderr)
@@ -442,10 +489,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _read_json(path: str) -> dict:
+    """The JSON object in the file ``path`` (a port config); errors name the file."""
     try:
-        return json.loads(Path(path).read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: malformed JSON: {err}") from None
+        value = json.loads(Path(path).read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: malformed JSON ({err}): expected a JSON object of the cos_* keys") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object of the cos_* keys, got {type(value).__name__}")
+    return value
 
 
 if __name__ == "__main__":

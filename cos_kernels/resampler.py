@@ -10,14 +10,16 @@ queries, coarse to fine, through a final LayerNorm and a Linear to the LLM's wid
 from __future__ import annotations
 
 import json
+import numbers
 import os
+from collections.abc import Mapping
 from dataclasses import replace
 from operator import attrgetter
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -27,10 +29,15 @@ from .grouped_linear import grouped_linear
 from .layout import WindowLayout
 from .ops import BACKENDS, multiscale_window_attention
 
-__all__ = ["MultiScaleResampler", "ResamplerBlock"]
+__all__ = ["MultiScaleResampler", "ResamplerBlock", "check_device"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+_SHOWN = 5  # offending tensors named in an error message
+_WEIGHT_FIELDS = ("vision_dim", "dim", "num_heads", "mlp_ratio", "llm_dim", "num_levels", "norm_eps")
+"""The CoSConfig fields, besides the layout, that define the function of a resampler's weights: save_pretrained
+records them (the whole config, in the weights' "config" metadata), and from_pretrained refuses a config.json
+that disagrees. patch_size, drop_cls, concat_levels and init_std may change (input format, initialisation)."""
 
 
 class ResamplerBlock(nn.Module):
@@ -86,8 +93,7 @@ class MultiScaleResampler(nn.Module):
             )
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
-        if not isinstance(fused, bool):
-            raise TypeError(f"fused must be a bool (True or False), got {fused!r} ({type(fused).__name__})")
+        check_bool(fused, "fused")
         self.config = config
         self.layout = config.layout
         self.backend = backend
@@ -263,10 +269,11 @@ class MultiScaleResampler(nn.Module):
                 f"got source={source}"
             )
         for i, j in enumerate(source):
-            if isinstance(j, bool) or not isinstance(j, int) or not 0 <= j < old.num_scales:
+            if isinstance(j, bool) or not isinstance(j, numbers.Integral) or not 0 <= j < old.num_scales:
                 raise ValueError(
                     f"source[{i}] = {j!r} is not a scale of this resampler (0..{old.num_scales - 1})"
                 )
+            j = source[i] = int(j)  # numpy integers included
             (nr, nc), (orr, oc) = new_layout.window_grids[i], old.window_grids[j]
             if nr % orr or nc % oc:
                 raise ValueError(
@@ -296,11 +303,15 @@ class MultiScaleResampler(nn.Module):
 
     # ---- checkpoints ------------------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write config.json and model.safetensors into ``directory``, each atomically."""
-        directory = Path(directory)
+        """Write config.json and model.safetensors into ``directory``, each atomically. The weights'
+        metadata records the layout and the whole config, which from_pretrained checks config.json
+        against."""
+        check_materialised(self, "save")
+        directory = Path(os.fsdecode(directory))
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        metadata = {"format": "pt", "layout": json.dumps(list(self.layout.to_spec()))}
+        metadata = {"format": "pt", "layout": json.dumps(list(self.layout.to_spec())),
+                    "config": json.dumps(self.config.to_dict())}
         atomic_file(directory / WEIGHTS_NAME, lambda p: save_file(state, p, metadata=metadata))
         atomic_file(directory / CONFIG_NAME, lambda p: Path(p).write_text(self.config.to_json()))
 
@@ -308,15 +319,17 @@ class MultiScaleResampler(nn.Module):
     def from_pretrained(
         cls, path: str | os.PathLike, backend: str = "auto", fused: bool = True, *,
         dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+        allow_nonfinite: bool = False,
     ) -> "MultiScaleResampler":
         """Load a resampler from ``path``: a directory save_pretrained wrote, or the bridge of a
         cos-train run (its latest checkpoint), its checkpoints/ directory or one checkpoint.
 
         dtype: the parameters' floating-point dtype (default: the one they were saved in); device:
-        where they go (default: the CPU). Weights that do not match their config are refused.
+        where they go (default: the CPU). Weights that do not match their config are refused, and so
+        are weights holding NaN or Inf unless ``allow_nonfinite``.
         """
         _check_dtype_device(dtype, device)
-        path = Path(path)
+        path = Path(os.fsdecode(path))
         if not path.exists():
             raise FileNotFoundError(
                 f"{path} does not exist: expected a directory save_pretrained wrote ({CONFIG_NAME} and "
@@ -328,60 +341,195 @@ class MultiScaleResampler(nn.Module):
             from .train.export import read_bridge
 
             config, state, where = read_bridge(path)
-        return cls.from_state_dict(config, state, backend, fused, dtype=dtype, device=device, where=where)
+        return cls.from_state_dict(config, state, backend, fused, dtype=dtype, device=device, where=where,
+                                   allow_nonfinite=allow_nonfinite)
 
     @classmethod
     def from_state_dict(
         cls, config: CoSConfig, state: dict[str, torch.Tensor], backend: str = "auto", fused: bool = True, *,
         dtype: torch.dtype | None = None, device: str | torch.device | None = None, where: str = "the state dict",
+        allow_nonfinite: bool = False,
     ) -> "MultiScaleResampler":
-        """A resampler of ``config`` holding ``state`` (its names and shapes; the tensors themselves
-        where dtype and device already match, else cast copies), without a random initialisation.
-        dtype: default the state's; device: default the CPU; ``where`` names the source in errors."""
-        _check_dtype_device(dtype, device)
+        """A resampler of ``config`` holding ``state`` (its names and shapes, floating-point tensors;
+        the tensors themselves where dtype and device already match, else cast copies), without a
+        random initialisation. dtype: default the state's; device: default the CPU; ``where`` names
+        the source in errors. Tensors holding NaN or Inf are refused (ValueError naming them) unless
+        ``allow_nonfinite``."""
+        device = _check_dtype_device(dtype, device)
+        check_bool(allow_nonfinite, "allow_nonfinite")
         with torch.device("meta"):
             model = cls(config, backend=backend, fused=fused)
-        _check_state(model.state_dict(), state, config, where)
+        expected = model.state_dict()
+        _check_state(expected, state, config, where)
+        if not allow_nonfinite:
+            check_finite({k: state[k] for k in expected}, where)  # in the model's order
         model.load_state_dict(state, assign=True)
-        return model.to(device=torch.device("cpu" if device is None else device),
-                        dtype=dtype or state["queries.0"].dtype)
+        return model.to(device=device, dtype=dtype or state["queries.0"].dtype)
 
 
-def _check_dtype_device(dtype, device) -> None:
-    """TypeError unless dtype is a floating-point torch.dtype or None and device names a device or is None."""
+def check_bool(value, name: str) -> None:
+    """TypeError naming the argument unless ``value`` is True or False."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool (True or False), got {value!r} ({type(value).__name__})")
+
+
+def check_device(device, name: str = "device") -> torch.device:
+    """``device`` (a torch.device, a str such as "cuda:0", or None for the CPU) as a torch.device.
+
+    TypeError unless it names a device; ValueError for a CUDA device where CUDA is not available
+    (torch built without CUDA, or no GPU visible) or whose index is beyond the visible devices, so
+    that no caller meets torch's "Torch not compiled with CUDA enabled" deep inside a traceback.
+    ``name`` is the argument's name in the messages."""
+    try:
+        resolved = torch.device("cpu" if device is None else device)
+    except (TypeError, RuntimeError) as err:
+        raise TypeError(f"{name} must be a torch.device, a str such as 'cuda:0', or None, got {device!r}") from err
+    if resolved.type != "cuda":
+        return resolved
+    if not torch.cuda.is_available():
+        why = (f"torch {torch.__version__} is built without CUDA" if torch.version.cuda is None else
+               f"no GPU is visible to torch {torch.__version__} (CUDA {torch.version.cuda})")
+        raise ValueError(f"{name}={str(resolved)!r} but CUDA is not available here ({why}): use "
+                         f"{name}='cpu' or None")
+    count = torch.cuda.device_count()
+    if resolved.index is not None and resolved.index >= count:
+        raise ValueError(f"{name}={str(resolved)!r} but only {count} CUDA device(s) are visible "
+                         f"(cuda:0..cuda:{count - 1})")
+    return resolved
+
+
+def _check_dtype_device(dtype, device) -> torch.device:
+    """The device (check_device); TypeError unless dtype is a floating-point torch.dtype or None."""
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating-point torch.dtype or None, got {dtype!r}")
+    return check_device(device)
+
+
+def check_materialised(resampler: nn.Module, action: str) -> None:
+    """ValueError unless ``resampler``'s weights hold data (none on the meta device); ``action``
+    names what needs them ("save")."""
+    state = resampler.state_dict()
+    meta = [k for k, v in state.items() if v.is_meta]
+    if meta:
+        raise ValueError(
+            f"cannot {action} this {type(resampler).__name__}: its weights are on the meta device, not "
+            f"materialised ({len(meta)} of {len(state)} tensors, e.g. {meta[0]!r}); load them "
+            f"(MultiScaleResampler.from_pretrained, or load_state_dict(state, assign=True)) or initialise "
+            f"them (resampler.to_empty(device='cpu') then resampler.reset_parameters()) first"
+        )
+
+
+def check_finite(state: dict[str, torch.Tensor], where) -> None:
+    """ValueError naming ``where`` and the first few tensors of ``state`` holding NaN or Inf (how
+    many of their values), and the allow_nonfinite opt-out."""
+    bad = [f"{k!r} ({n} of its {v.numel()} values)" for k, v in state.items()
+           if (n := int(torch.isfinite(v).logical_not().sum()))]
+    if bad:
+        raise ValueError(f"{where} holds NaN or Inf in {len(bad)} tensor{'s' * (len(bad) > 1)}: {first_few(bad)}; "
+                         f"expected finite weights (pass allow_nonfinite=True to load them anyway)")
+
+
+def first_few(items: list[str]) -> str:
+    """The first few of ``items`` (offending names in an error message), comma-separated, with ", ..."
+    after them when there are more."""
+    return ", ".join(items[:_SHOWN]) + (", ..." if len(items) > _SHOWN else "")
+
+
+def read_safetensors(path: Path, expected: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of the safetensors file ``path``; one safetensors cannot read (empty,
+    truncated, another format) raises ValueError naming the file, its size, safetensors' complaint and
+    ``expected`` (what the file should be)."""
     try:
-        torch.device("cpu" if device is None else device)
-    except (TypeError, RuntimeError) as err:
-        raise TypeError(f"device must be a torch.device, a str such as 'cuda:0', or None, got {device!r}") from err
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+    except SafetensorError as err:
+        raise ValueError(f"{path} ({path.stat().st_size} bytes) is not a readable safetensors file "
+                         f"({err}): expected {expected}") from None
 
 
 def _is_saved_resampler(path: Path) -> bool:
-    """Whether ``path`` holds what save_pretrained writes (a training checkpoint's config.json is a
-    dict of model / train configs instead)."""
-    try:
-        return (path / WEIGHTS_NAME).is_file() and "train" not in json.loads((path / CONFIG_NAME).read_text())
-    except (OSError, ValueError):
+    """Whether ``path`` holds what save_pretrained writes: config.json and model.safetensors, where
+    config.json is not a training checkpoint's (a JSON object of model / train configs). A broken
+    config.json counts as save_pretrained's, so that reading it reports what is wrong with it."""
+    if not ((path / WEIGHTS_NAME).is_file() and (path / CONFIG_NAME).is_file()):
         return False
+    try:
+        saved = json.loads((path / CONFIG_NAME).read_bytes())
+    except (OSError, ValueError):
+        return True
+    return not (isinstance(saved, dict) and "train" in saved)
 
 
 def _read_saved(directory: Path) -> tuple[CoSConfig, dict[str, torch.Tensor], Path]:
-    """(config, state dict, weights file) of a save_pretrained directory; a layout mismatch between
-    the two files is refused."""
-    config = CoSConfig.from_json(directory / CONFIG_NAME)
-    with safe_open(str(directory / WEIGHTS_NAME), framework="pt") as f:
-        saved_spec = json.loads((f.metadata() or {}).get("layout", "null"))
-        if saved_spec is not None and tuple(saved_spec) != config.layout.to_spec():
-            raise ValueError(
-                f"{directory / WEIGHTS_NAME} holds weights for {WindowLayout.from_spec(saved_spec)} "
-                f"but {directory / CONFIG_NAME} describes {config.layout}"
-            )
-        return config, {k: f.get_tensor(k) for k in f.keys()}, directory / WEIGHTS_NAME
+    """(config, state dict, weights file) of a save_pretrained directory; a config.json that
+    disagrees with the weights (their recorded layout and config, their shapes) is refused."""
+    config_path, weights = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    config = CoSConfig.from_json(config_path)
+    state, metadata = read_safetensors(weights, "the weights MultiScaleResampler.save_pretrained writes")
+    saved_layout = _metadata_entry(metadata, "layout", weights, _layout_from_metadata)
+    if saved_layout is not None and saved_layout != config.layout:
+        raise ValueError(f"{weights} holds weights for {saved_layout} but {config_path} describes {config.layout}")
+    recorded = _metadata_entry(metadata, "config", weights,
+                               lambda text: CoSConfig.from_json_text(text, "the entry"))
+    implied = _shape_implied_fields(state)
+    if recorded is not None:
+        implied.update({f: (getattr(recorded, f), "as recorded in their 'config' metadata")
+                        for f in _WEIGHT_FIELDS if f not in implied})
+    for field, (value, evidence) in implied.items():
+        if getattr(config, field) != value:
+            given = (f"mlp_ratio = {config.mlp_ratio!r} gives hidden_dim = int(dim * mlp_ratio) = {config.hidden_dim}"
+                     if field == "hidden_dim" else f"{field} = {getattr(config, field)!r}")
+            raise ValueError(f"{config_path}: {given} but the weights in {weights} imply {field} = {value!r} "
+                             f"({evidence})")
+    return config, state, weights
+
+
+def _metadata_entry(metadata: dict[str, str], key: str, weights: Path, parse):
+    """``parse`` of the weights' metadata entry ``key`` (None where absent); one that does not parse
+    raises ValueError naming the file, the key, the entry and what it should be."""
+    if key not in metadata:
+        return None
+    try:
+        return parse(metadata[key])
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{weights}: metadata {key!r} = {metadata[key][:200]!r} is not what save_pretrained "
+                         f"records ({err})") from None
+
+
+def _layout_from_metadata(text: str) -> WindowLayout:
+    """The layout of the "layout" metadata entry: a JSON list (GH, GW, wh_0, ww_0, n_0, ...)."""
+    spec = json.loads(text)
+    if not isinstance(spec, list):
+        raise ValueError(f"expected a JSON list of a layout's integers (GH, GW, wh, ww, n, ...), got "
+                         f"{type(spec).__name__}")
+    return WindowLayout.from_spec(spec)
+
+
+def _shape_implied_fields(state: dict[str, torch.Tensor]) -> dict[str, tuple[object, str]]:
+    """What a resampler state dict's names and shapes imply of its config: field name (hidden_dim
+    standing for mlp_ratio) -> (value, where it is read). Entries whose tensors are missing or of too
+    few dimensions are left out (_check_state reports those)."""
+    def size(name, axis):  # (the size, its evidence) or None
+        t = state.get(name)
+        if isinstance(t, torch.Tensor) and t.dim() > axis:
+            return t.shape[axis], f"{name!r} has shape {tuple(t.shape)}"
+        return None
+
+    scales = [size(f"queries.{s}", 0) for s in range(sum(k.startswith("queries.") for k in state))]
+    levels = sorted({k.split(".")[1] for k in state if k.startswith("levels.")})
+    implied = {"dim": size("queries.0", 1), "vision_dim": size("levels.0.0.to_k.weight", 1),
+               "hidden_dim": size("levels.0.0.fc1.weight", 0), "llm_dim": size("proj_out.weight", 0),
+               "num_levels": (len(levels), f"its tensors name levels {', '.join(levels)}") if levels else None,
+               "queries": ([n for n, _ in scales], ", ".join(e for _, e in scales))
+               if scales and None not in scales else None}
+    return {k: v for k, v in implied.items() if v is not None}
 
 
 def _check_state(expected: dict, state: dict, config: CoSConfig, where) -> None:
-    """ValueError naming the tensors unless ``state`` has exactly ``expected``'s names and shapes."""
+    """ValueError naming the tensors unless ``state`` has exactly ``expected``'s names and shapes,
+    each a floating-point tensor (TypeError for a value that is no tensor)."""
+    if not isinstance(state, Mapping):
+        raise TypeError(f"{where}: the state must be a dict of tensors, got {type(state).__name__}")
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
         raise ValueError(
@@ -389,9 +537,15 @@ def _check_state(expected: dict, state: dict, config: CoSConfig, where) -> None:
             f"{missing}, unexpected {unexpected}"
         )
     for k, want in expected.items():
-        if state[k].shape != want.shape:
+        t = state[k]
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{where}: {k!r} must be a tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise ValueError(f"{where}: tensor {k!r} has dtype {t.dtype}; expected a floating-point dtype "
+                             f"(float32, bfloat16, ...) for a resampler's weights")
+        if t.shape != want.shape:
             raise ValueError(
-                f"{where}: tensor {k!r} has shape {tuple(state[k].shape)} but the config ({config.layout}, "
+                f"{where}: tensor {k!r} has shape {tuple(t.shape)} but the config ({config.layout}, "
                 f"dim={config.dim}, vision_dim={config.vision_dim}) expects {tuple(want.shape)}"
             )
 

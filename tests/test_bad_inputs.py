@@ -3,7 +3,7 @@ FileNotFoundError / PermissionError for paths) whose message names the argument 
 given, before any expensive work (the model build, the LLM warm-up); the CLI reports it as one line
 `cos-train: error: ...` with exit code 2. The module side's bad inputs (CoSConfig, WindowLayout,
 MultiScaleResampler, the op) are tested beside their other tests: test_resampler.py, test_layout.py,
-test_ops_torch.py."""
+test_ops_torch.py; checkpoints' in test_load_errors.py; the op's zero-sized dimensions here."""
 
 import math
 import re
@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import cos_kernels.train.trainer as trainer_module
+from cos_kernels import WindowLayout, multiscale_window_attention
 from cos_kernels.train import TrainConfig
 from cos_kernels.train.cli import main
 
@@ -138,3 +139,22 @@ def test_cli_refuses_an_unrescalable_bridge_and_a_tiny_dataset_before_the_warm_u
     assert "preset 'cos-80' (windows [16, 4] on grid 16) cannot be rescaled to grid 18" in capsys.readouterr().err
     assert main([*base, "--train-samples", "3", "--global-batch", "4"]) == 2
     assert "train_samples=3 is less than one micro-batch of 4" in capsys.readouterr().err
+
+
+# ---- the op: zero-sized dimensions ----------------------------------------------------------------
+@pytest.mark.parametrize("B, H, D, match", [
+    (1, 2, 0, r"^q has head dim D = 0 \(shape \(B, Q, H, D\) = \(1, 5, 2, 0\)\): expected D >= 1$"),
+    (2, 0, 4, r"^q has heads H = 0 \(shape \(B, Q, H, D\) = \(2, 5, 0, 4\)\): expected H >= 1$"),
+])
+def test_op_refuses_zero_heads_or_head_dim(B, H, D, match):
+    layout = WindowLayout(4, [4, 2], [1, 4])
+    q, kv = torch.randn(B, 5, H, D), torch.randn(B, 2, 16, H, D)
+    with pytest.raises(ValueError, match=match):
+        multiscale_window_attention(q, kv, kv, layout, backend="torch")
+
+
+def test_op_on_an_empty_batch_is_empty():
+    layout = WindowLayout(4, [4, 2], [1, 4])
+    out = multiscale_window_attention(torch.randn(0, 5, 2, 4), torch.randn(0, 2, 16, 2, 4), torch.randn(0, 2, 16, 2, 4),
+                                      layout, backend="torch")
+    assert out.shape == (0, 5, 2, 4)

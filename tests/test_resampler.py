@@ -197,6 +197,17 @@ def test_scale_up_errors(kwargs, match):
         old.scale_up(**kwargs)
 
 
+def test_scale_up_accepts_numpy_integers():
+    np = pytest.importorskip("numpy")
+    old, new = _scale_pair()
+    same = old.scale_up(grid=np.int64(8), windows=np.array([8, 4, 2]), queries=[np.int32(3), np.int64(16), 32],
+                        source=[np.int64(0), np.int32(1), np.int64(1)])
+    assert same.config == new.config and type(same.config.windows[0]) is int
+    assert all(torch.equal(a, b) for a, b in zip(same.state_dict().values(), new.state_dict().values()))
+    with pytest.raises(ValueError, match=r"source\[0\] = np.True_ is not a scale"):
+        old.scale_up(grid=8, windows=[8, 4], queries=[3, 8], source=[np.bool_(True), 1])
+
+
 def test_save_load_round_trip(tmp_path):
     seeded_rng()
     model = randomize_(MultiScaleResampler(small_config(), backend="torch"))
@@ -219,14 +230,12 @@ def test_load_rejects_layout_mismatch(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=r"holds weights for WindowLayout\(grid=\[4, 6\], windows=\[\[4, 6\], 2\], queries=\[3, 12\]\) but .*config.json describes .*queries=\[3, 24\]"):
         MultiScaleResampler.from_pretrained(tmp_path)
-    cfg["queries"], cfg["dim"] = [3, 12], 48
-    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    # from_pretrained names config.json's field (test_load_errors.py); from_state_dict the tensors
+    state = MultiScaleResampler(small_config(), backend="torch").state_dict()
     with pytest.raises(ValueError, match=r"tensor 'queries.0' has shape \(3, 32\) but the config .* expects \(3, 48\)"):
-        MultiScaleResampler.from_pretrained(tmp_path)
-    cfg["dim"], cfg["num_levels"] = 32, 1
-    (tmp_path / "config.json").write_text(json.dumps(cfg))
+        MultiScaleResampler.from_state_dict(small_config(dim=48), state)
     with pytest.raises(ValueError, match=r"unexpected \['levels.1.0.fc1.bias'"):
-        MultiScaleResampler.from_pretrained(tmp_path)
+        MultiScaleResampler.from_state_dict(small_config(num_levels=1), state)
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         MultiScaleResampler.from_pretrained(tmp_path / "nothing")
 

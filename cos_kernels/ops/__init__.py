@@ -101,6 +101,9 @@ def _check_inputs(q, k, v, layout, softmax_scale) -> None:
     if q.dim() != 4:
         raise ValueError(f"q must have shape (B, Q, H, D), got {tuple(q.shape)}")
     B, Q, H, D = q.shape
+    for name, size in (("heads H", H), ("head dim D", D)):
+        if size < 1:
+            raise ValueError(f"q has {name} = {size} (shape (B, Q, H, D) = {tuple(q.shape)}): expected {name[-1]} >= 1")
     want_kv = (B, layout.num_scales, layout.num_patches, H, D)
     if Q != layout.total_queries:
         raise ValueError(
@@ -156,7 +159,7 @@ def multiscale_window_attention(
     """Windowed cross-attention of every scale of ``layout`` at once.
 
     q: (B, Q, H, D), Q = layout.total_queries, ordered scale by scale, windows in raster order,
-       each window's queries contiguous.
+       each window's queries contiguous; H, D >= 1 (B = 0, an empty batch, gives an empty output).
     k, v: (B, S, N, H, D), S = layout.num_scales, N = GH * GW patches in raster order; any strides.
     Returns (B, Q, H, D) in q's dtype: each query attends, with softmax, over the K/V of its own
     scale restricted to the patches of its own window. softmax_scale: a real number (Python or numpy
