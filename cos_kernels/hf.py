@@ -139,7 +139,8 @@ class CoSLlavaModel(LlavaModel):
 
 class CoSLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     """LlavaForConditionalGeneration whose multi_modal_projector is a MultiScaleResampler; forward,
-    backward, generate, save_pretrained and from_pretrained as LLaVA's."""
+    backward, generate, save_pretrained and from_pretrained as LLaVA's. Its ``model`` is a
+    CoSLlavaModel: a prompt whose image-token count does not fit its images is refused naming it."""
 
     config_class = CoSLlavaConfig
 

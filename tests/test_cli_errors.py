@@ -58,9 +58,9 @@ def test_cos_train_refuses_bad_values_by_name(argv, match, capsys, no_training):
     assert re.search(match, _one_error_line(capsys, "cos-train"))
 
 
-def test_cos_train_refuses_an_unknown_backend_while_parsing(capsys):
+def test_cos_train_refuses_an_unknown_backend_while_parsing(tmp_path, capsys, no_training):
     with pytest.raises(SystemExit) as info:
-        train_main(["pretrain", "--backend", "fast"])
+        train_main(["pretrain", "--backend", "fast", "--out-dir", str(tmp_path)])
     assert info.value.code == 2 and "argument --backend: invalid choice: 'fast'" in capsys.readouterr().err
 
 
@@ -125,9 +125,9 @@ def test_cos_compare_checks_every_input_before_the_tower(tmp_path, capsys, no_to
         assert re.search(match, _one_error_line(capsys, "cos-compare")), extra
 
 
-def test_cos_compare_refuses_an_unknown_backend_while_parsing(capsys):
+def test_cos_compare_refuses_an_unknown_backend_while_parsing(tmp_path, capsys, no_tower):
     with pytest.raises(SystemExit) as info:
-        compare_main(["--backend", "fast"])
+        compare_main(["--backend", "fast", "--out-dir", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")])
     assert info.value.code == 2 and "argument --backend: invalid choice: 'fast'" in capsys.readouterr().err
     with pytest.raises(ValueError, match=r"CompareConfig\.backend must be one of"):
         CompareConfig(backend="fast")
@@ -137,7 +137,7 @@ def test_cos_compare_refuses_an_unknown_backend_while_parsing(capsys):
                                           (["--device", "cuda:0"], "--device cuda:0")])
 def test_cos_compare_needs_cuda_where_its_device_is_cuda(argv, source, tmp_path, capsys, monkeypatch, no_tower):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert compare_main([*argv, "--out-dir", str(tmp_path / "out")]) == 2
+    assert compare_main([*argv, "--out-dir", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")]) == 2
     err = _one_error_line(capsys, "cos-compare")
     assert f"cos-compare: error: {source} needs a CUDA device" in err and "none is available here (torch" in err
     assert not (tmp_path / "out").exists()  # refused before anything is written
