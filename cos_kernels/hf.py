@@ -21,14 +21,15 @@ from dataclasses import replace
 
 import torch
 from transformers import (AutoConfig, AutoModelForImageTextToText, AutoProcessor, LlavaConfig,
-                          LlavaForConditionalGeneration, LlavaProcessor)
+                          LlavaForConditionalGeneration, LlavaModel, LlavaProcessor)
 from transformers.processing_utils import MultiModalData
 
 from .config import PRESETS, CoSConfig
 from .ops import BACKENDS
 from .resampler import MultiScaleResampler
 
-__all__ = ["CoSLlavaConfig", "CoSLlavaForConditionalGeneration", "CoSLlavaProcessor", "resampler_config"]
+__all__ = ["CoSLlavaConfig", "CoSLlavaForConditionalGeneration", "CoSLlavaModel", "CoSLlavaProcessor",
+           "resampler_config", "check_feature_layers", "check_image_tokens"]
 
 
 class CoSLlavaConfig(LlavaConfig):
@@ -38,7 +39,8 @@ class CoSLlavaConfig(LlavaConfig):
 
     image_seq_length is set to the resampler's number of tokens. Where a given CoSConfig disagrees
     with the vision tower (width, patch size, grid), the text model (width) or vision_feature_layer
-    (its number of levels), a ValueError names the field.
+    (its number of levels), a ValueError names the field; so does a vision_feature_layer that is not
+    a hidden-state index of the vision tower (check_feature_layers).
     """
 
     model_type = "cos_llava"
@@ -60,6 +62,7 @@ class CoSLlavaConfig(LlavaConfig):
 def resampler_config(config: LlavaConfig) -> CoSConfig:
     """The CoSConfig of ``config.resampler`` (a preset name, a CoSConfig or its dict), checked against
     the rest of the LLaVA config; concat_levels and drop_cls on (LLaVA's feature form)."""
+    check_feature_layers(config)
     vision, text = config.vision_config, config.text_config
     layers = config.vision_feature_layer
     num_levels = 1 if isinstance(layers, int) else len(layers)
@@ -85,9 +88,59 @@ def resampler_config(config: LlavaConfig) -> CoSConfig:
     return replace(spec, concat_levels=True, drop_cls=True)
 
 
+def check_feature_layers(config: LlavaConfig) -> None:
+    """ValueError naming vision_feature_layer unless it is an index into the vision tower's hidden
+    states, or a non-empty list of them: num_hidden_layers + 1 entries (the embeddings, then each
+    layer's output), negative indices counting from the end as in LLaVA. (Its type, int or list of
+    ints, is checked by the config's dataclass.)"""
+    layers, depth = config.vision_feature_layer, getattr(config.vision_config, "num_hidden_layers", None)
+    entries = [layers] if isinstance(layers, int) else layers
+    if not entries:
+        raise ValueError(f"CoSLlavaConfig.vision_feature_layer must be a layer index or a non-empty list of them "
+                         f"(one resampler level each), got {layers!r}")
+    for layer in entries:
+        if depth is not None and not -depth - 1 <= layer <= depth:
+            raise ValueError(f"CoSLlavaConfig.vision_feature_layer {layers!r}: index {layer} is out of range; the "
+                             f"vision tower has {depth + 1} hidden states (the embeddings and "
+                             f"vision_config.num_hidden_layers = {depth} layers): expected {-depth - 1}..{depth}")
+
+
+def check_image_tokens(input_ids: torch.Tensor, feature_tokens: int, config: LlavaConfig) -> None:
+    """ValueError naming the sample unless each row of ``input_ids`` holds config.image_seq_length
+    image tokens (config.image_token_id) per image, and all rows together as many as the images give
+    (``feature_tokens``: the projected features' token count)."""
+    per_image, token = config.image_seq_length, config.image_token_id
+    counts = (input_ids == token).sum(-1).tolist()
+    for i, count in enumerate(counts):
+        if count % per_image:
+            images = max(1, round(count / per_image))
+            raise ValueError(f"input_ids[{i}] has {count} image tokens (id {token}); each image takes {per_image} "
+                             f"(config.image_seq_length, the resampler's num_tokens): expected a multiple of "
+                             f"{per_image}, {images * per_image} for {_images(images)}")
+    if feature_tokens % per_image == 0 and sum(counts) != feature_tokens:
+        raise ValueError(f"input_ids hold {sum(counts)} image tokens, {per_image} (config.image_seq_length) for each "
+                         f"of {_images(sum(counts) // per_image)}, but pixel_values gives "
+                         f"{_images(feature_tokens // per_image)}")
+
+
+def _images(n: int) -> str:
+    return f"{n} image{'s' * (n != 1)}"
+
+
+class CoSLlavaModel(LlavaModel):
+    """LlavaModel whose placeholder check names the sample whose image-token count is wrong
+    (check_image_tokens) before LLaVA's own check (one total for the batch)."""
+
+    def get_placeholder_mask(self, input_ids, inputs_embeds, image_features):
+        if input_ids is not None and not torch.compiler.is_compiling():  # .tolist() would break a graph
+            check_image_tokens(input_ids, image_features.numel() // inputs_embeds.shape[-1], self.config)
+        return super().get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds, image_features=image_features)
+
+
 class CoSLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     """LlavaForConditionalGeneration whose multi_modal_projector is a MultiScaleResampler; forward,
-    backward, generate, save_pretrained and from_pretrained as LLaVA's."""
+    backward, generate, save_pretrained and from_pretrained as LLaVA's. Its ``model`` is a
+    CoSLlavaModel: a prompt whose image-token count does not fit its images is refused naming it."""
 
     config_class = CoSLlavaConfig
 
@@ -96,6 +149,7 @@ class CoSLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             raise ValueError("CoSLlavaForConditionalGeneration needs a CoSLlavaConfig with a resampler (a preset "
                              "name, a CoSConfig or its dict)")
         super().__init__(config)
+        self.model.__class__ = CoSLlavaModel  # LLaVA's model as built, with the per-sample image-token check
         self.model.multi_modal_projector = MultiScaleResampler(
             CoSConfig.from_dict(config.resampler), backend=config.resampler_backend)
 

@@ -188,10 +188,50 @@ def test_a_preset_is_rescaled_to_the_vision_grid():
     (dict(resampler="cos-9"), ValueError, r"resampler 'cos-9' is not a preset"),
     (dict(resampler=3), TypeError, r"resampler must be a preset name, a CoSConfig or its dict, got int"),
     (dict(resampler_backend="fast"), ValueError, r"resampler_backend must be one of"),
+    # vision_feature_layer: a non-empty list of indices into the tower's 4 + 1 hidden states
+    (dict(vision_feature_layer=[]), ValueError,
+     r"vision_feature_layer must be a layer index or a non-empty list of them \(one resampler level each\), got \[\]"),
+    (dict(resampler="cos-80", vision_feature_layer=[]), ValueError, r"vision_feature_layer must be a layer index"),
+    (dict(vision_feature_layer=[2, 99]), ValueError,
+     r"vision_feature_layer \[2, 99\]: index 99 is out of range; the vision tower has 5 hidden states \(the "
+     r"embeddings and vision_config.num_hidden_layers = 4 layers\): expected -5..4"),
+    (dict(vision_feature_layer=[-6, 2]), ValueError, r"index -6 is out of range; .* expected -5..4"),
+    (dict(resampler="resampler-80", vision_feature_layer=5), ValueError, r"vision_feature_layer 5: index 5 is out of range"),
 ])
 def test_bad_configs_name_the_field(overrides, error, match):
     with pytest.raises(error, match=match):
         tiny_config(**overrides)
+
+
+def test_feature_layers_at_both_ends_of_the_hidden_states_are_taken():
+    assert resampler_config(tiny_config(vision_feature_layer=[-5, 4])).num_levels == 2
+
+
+def rows(*counts: int) -> torch.Tensor:
+    """One prompt per count, that many image placeholders after BOS, words up to a common length."""
+    length = max(counts) + 7
+    return torch.stack([torch.cat([torch.ones(1, dtype=torch.long), torch.full((n,), IMAGE_TOKEN),
+                                   torch.randint(4, len(WORDS), (length - 1 - n,))]) for n in counts])
+
+
+@pytest.mark.parametrize("counts, images, match", [
+    ((20, 19), 2, r"input_ids\[1\] has 19 image tokens \(id 12\); each image takes 20 \(config.image_seq_length, "
+                  r"the resampler's num_tokens\): expected a multiple of 20, 20 for 1 image"),
+    ((64, 20), 4, r"input_ids\[0\] has 64 image tokens .* expected a multiple of 20, 60 for 3 images"),
+    ((20, 20), 1, r"input_ids hold 40 image tokens, 20 \(config.image_seq_length\) for each of 2 images, but "
+                  r"pixel_values gives 1 image"),
+])
+def test_a_wrong_image_token_count_names_the_sample(counts, images, match):
+    model = CoSLlavaForConditionalGeneration(tiny_config()).eval()
+    with torch.no_grad(), pytest.raises(ValueError, match=match):
+        model(input_ids=rows(*counts), pixel_values=torch.rand(images, 3, 32, 32))
+
+
+def test_prompts_with_several_images_or_none_are_taken():
+    model = CoSLlavaForConditionalGeneration(tiny_config()).eval()
+    ids = rows(40, 0)  # two images in the first prompt, none in the second
+    with torch.no_grad():
+        assert model(input_ids=ids, pixel_values=torch.rand(2, 3, 32, 32)).logits.shape[:2] == ids.shape
 
 
 def test_a_plain_llava_config_is_refused():

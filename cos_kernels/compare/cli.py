@@ -16,15 +16,15 @@ import signal
 import sys
 from pathlib import Path
 
-from .config import COMPARE_PRESETS, CompareConfig
+from .config import COMPARE_PRESETS, CompareConfig, check_cuda
 
 __all__ = ["main", "build_parser"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..train.cli import add_option
+    from ..train.cli import ArgumentParser, add_option
 
-    parser = argparse.ArgumentParser(prog="cos-compare", description=__doc__.split("\n\n")[0],
+    parser = ArgumentParser(prog="cos-compare", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     parser.add_argument("--preset", default="cpu", choices=sorted(COMPARE_PRESETS),
@@ -53,11 +53,12 @@ def main(argv: list[str] | None = None) -> int:
 
     args = vars(build_parser().parse_args(argv))
     debug, threads = args.pop("debug"), args.pop("threads")
-    return run_reporting_errors("cos-compare", debug, lambda: _run(config_from_args(args), threads),
+    source = f"--device {args['device']}" if args["device"] is not None else f"preset {args['preset']!r}"
+    return run_reporting_errors("cos-compare", debug, lambda: _run(config_from_args(args), threads, source),
                                 "interrupted; rerun the same command to continue (finished runs are reused)")
 
 
-def _run(config: CompareConfig, threads: int | None) -> int:
+def _run(config: CompareConfig, threads: int | None, device_source: str) -> int:
     import torch
     from transformers.utils import logging as hf_logging
     from tqdm import tqdm
@@ -70,6 +71,7 @@ def _run(config: CompareConfig, threads: int | None) -> int:
         if threads <= 0:
             raise ValueError(f"--threads must be a positive integer, got {threads}")
         torch.set_num_threads(threads)
+    check_cuda(config.device, device_source)
     hf_logging.disable_progress_bar()
     log = tqdm.write
     out_dir = Path(config.out_dir)

@@ -6,11 +6,15 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from ..config_io import DictConfig
 from ..config_io import option as _opt
 from ..mllm.config import MODEL_PRESETS, PROJECTOR_BRIDGES
+from ..ops import BACKENDS
+from ..train.config import check_path_options
 
-__all__ = ["CompareConfig", "COMPARE_PRESETS", "SCALINGS", "BASELINES"]
+__all__ = ["CompareConfig", "COMPARE_PRESETS", "SCALINGS", "BASELINES", "check_cuda"]
 
 SCALINGS = ("336", "1296")  # compound token scaling targets of cos-80: cos-336 or cos-1296
 BASELINES = ("resampler-336", *PROJECTOR_BRIDGES)
@@ -45,7 +49,7 @@ class CompareConfig(DictConfig):
     llm_warmup_steps: int = _opt(200, "steps of that caption-only LLM warm-up (0: a random frozen LLM)")
     device: str = _opt("cpu", "cpu, cuda, cuda:N or auto")
     precision: str = _opt("fp32", "fp32 or bf16 (autocast, frozen weights in bf16)", choices=("fp32", "bf16"))
-    backend: str = _opt("auto", "resampler attention backend")
+    backend: str = _opt("auto", "resampler attention backend", choices=BACKENDS)
     log_every: int = _opt(10, "steps between metric lines (and loss-curve points)")
     out_dir: str = _opt("runs/compare", "where the runs, compare.md, compare.json and compare.png go")
     cache_dir: str | None = _opt(None, "cached vision tower and LLM warm-up (default: $XDG_CACHE_HOME/cos_kernels "
@@ -53,6 +57,7 @@ class CompareConfig(DictConfig):
 
     def __post_init__(self):
         self.check_types()
+        check_path_options(self, PATH_OPTIONS)
         self.check_positive_ints("pretrain_steps", "finetune_steps", "global_batch", "eval_samples", "train_samples",
                                  "tower_steps", "tower_batch", "probe_scenes", "log_every")
         if self.micro_batch is not None:
@@ -79,6 +84,25 @@ class CompareConfig(DictConfig):
         if name not in COMPARE_PRESETS:
             raise ValueError(f"unknown comparison preset {name!r}; known presets: {sorted(COMPARE_PRESETS)}")
         return cls.from_dict({**COMPARE_PRESETS[name], **overrides})
+
+
+PATH_OPTIONS = {"data": "'synthetic' or a LLaVA JSON file", "image_folder": "a directory path",
+                "vision_path": "a checkpoint folder", "llm_path": "a checkpoint folder", "out_dir": "a directory path",
+                "cache_dir": "a directory path"}
+
+
+def check_cuda(device: str, source: str) -> None:
+    """ValueError unless a CUDA device is available where ``device`` names one; ``source`` says where
+    the device came from (e.g. "preset 'gpu-1b'" or "--device cuda")."""
+    if not device.startswith("cuda") or torch.cuda.is_available():
+        return
+    if torch.version.cuda is None:
+        why = f"torch {torch.__version__} is built without CUDA"
+    else:
+        why = (f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no device: no GPU or driver, or "
+               f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r} hides them")
+    raise ValueError(f"{source} needs a CUDA device (device={device!r}); none is available here ({why}); "
+                     f"--device cpu runs it on the CPU")
 
 
 _GPU = dict(device="cuda", precision="bf16", scaling="1296", global_batch=64, micro_batch=32, pretrain_steps=1000,

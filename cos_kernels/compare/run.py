@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ..atomic_io import atomic_text
 from ..mllm import MLLMConfig
+from ..ops import resolve_backend
 from ..train.config import TrainConfig
 from ..train.data import build_train_dataset
 from ..train.distributed import setup_distributed
@@ -30,7 +31,7 @@ from .config import CompareConfig
 from .probe import probe_tower
 from .tower import TowerRecipe, pretrain_tower
 
-__all__ = ["Recipe", "recipes", "prepare_components", "run_recipe", "run_all", "COS"]
+__all__ = ["Recipe", "recipes", "check_inputs", "prepare_components", "run_recipe", "run_all", "COS"]
 
 COS = "chain-of-sight"
 
@@ -51,6 +52,31 @@ def stage_sizes(config: CompareConfig) -> tuple[int, int]:
     """(stage 1, stage 2) resolutions in px: the preset's, and twice it."""
     size = MLLMConfig.from_preset(config.model).image_size
     return size, 2 * size
+
+
+def check_inputs(config: CompareConfig) -> None:
+    """Everything the comparison takes from its user, checked before its first expensive step (the
+    vision tower's pre-training): the TrainConfig of every stage, the device and the processes
+    (torchrun's), global_batch split into micro-batches over them, the backend on that device, the
+    vision / LLM checkpoints given, and the data file (there, its format, and that an image of it reads);
+    a ValueError or OSError naming the option."""
+    components = {"vision_path": config.vision_path, "llm_path": config.llm_path}
+    # every stage's TrainConfig checks its options; they share the device, the batch and the data
+    stages = [stage_configs(config, recipe, seed, components) for seed in config.seeds for recipe in recipes(config)]
+    first = stages[0][0]
+    env = setup_distributed(first)
+    first.batch_split(env.world_size)
+    try:
+        resolve_backend(config.backend, env.device)
+    except RuntimeError as err:  # a known backend that cannot run here
+        raise ValueError(str(err)) from None
+    MLLMConfig.from_preset(config.model, **components).check_paths()
+    if config.data != "synthetic":
+        dataset = build_train_dataset(first, stage_sizes(config)[0])
+        try:
+            dataset[0]
+        except RuntimeError as err:  # none of its images reads
+            raise ValueError(f"data={config.data!r}: {err} (image_folder {str(dataset.image_folder)!r})") from None
 
 
 def prepare_components(config: CompareConfig, log=print) -> dict:
@@ -149,7 +175,9 @@ def run_recipe(config: CompareConfig, recipe: Recipe, seed: int, components: dic
 
 def run_all(config: CompareConfig, log=print) -> tuple[dict, list[dict]]:
     """The shared components, then every (seed, recipe) run, seeds outermost so that a partial
-    comparison already has every recipe; progress lines with elapsed time and an estimate of the rest."""
+    comparison already has every recipe; progress lines with elapsed time and an estimate of the rest.
+    The inputs are checked first (check_inputs)."""
+    check_inputs(config)
     components = prepare_components(config, log)
     plan = [(seed, recipe) for seed in config.seeds for recipe in recipes(config)]
     results, start = [], time.perf_counter()

@@ -10,13 +10,27 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import sys
 
 from .config import STAGES, TrainConfig
 
-__all__ = ["main", "build_parser", "add_option", "run_reporting_errors"]
+__all__ = ["main", "build_parser", "add_option", "run_reporting_errors", "ArgumentParser"]
 
 _TYPES = {"int": int, "float": float, "str": str}
+# What argparse takes for an option's value rather than an option name: "-" then a digit, a point and a
+# digit, or inf / nan (Python 3.11's argparse knows only -5 and -0.5, and reads -1e-3 as an unknown option).
+_NEGATIVE_NUMBER = re.compile(r"^-(\d|\.\d|inf(inity)?$|nan$)", re.IGNORECASE)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse.ArgumentParser that reads a negative number in any form float() takes (-1e-3, -.5,
+    -inf) as an option's value, so ``--lr -1e-3`` reaches the config's range check, which names the
+    field; its sub-parsers are of this class too."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = _NEGATIVE_NUMBER  # argparse's own: r"^-\d+$|^-\d*\.\d+$"
 
 
 def add_option(parser: argparse.ArgumentParser, f: dataclasses.Field) -> None:
@@ -39,7 +53,7 @@ def add_option(parser: argparse.ArgumentParser, f: dataclasses.Field) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cos-train", description="Chain-of-Sight MLLM training (pretrain / finetune).")
+    parser = ArgumentParser(prog="cos-train", description="Chain-of-Sight MLLM training (pretrain / finetune).")
     stages = parser.add_subparsers(dest="stage", required=True, metavar="{pretrain,finetune}")
     helps = {"pretrain": "stage 1: ViT and LLM frozen, the bridge trained (lr 1e-3, cosine, 3% warm-up)",
              "finetune": "stage 2: from a pretrain checkpoint, compound token scaling, bridge + LLM trained (lr 2e-5)"}

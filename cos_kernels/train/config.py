@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from ..config_io import DictConfig
 from ..config_io import option as _opt
 from ..mllm.config import BRIDGES, MODEL_PRESETS
+from ..ops import BACKENDS
 
-__all__ = ["TrainConfig", "STAGES"]
+__all__ = ["TrainConfig", "STAGES", "check_path_options"]
 
 STAGES = ("pretrain", "finetune")
 DISTRIBUTED = ("auto", "none", "ddp", "fsdp")
@@ -48,7 +49,7 @@ class TrainConfig(DictConfig):
                                         "before pretraining, a stand-in for a pretrained LLM; default 200 for "
                                         "the tiny preset, 0 otherwise")
     init_from: str | None = _opt(None, "finetune: the pretrain checkpoint (a run directory or checkpoint directory)")
-    backend: str = _opt("auto", "resampler attention backend")
+    backend: str = _opt("auto", "resampler attention backend", choices=BACKENDS)
     # ---- data ----
     data: str = _opt("synthetic", "'synthetic' or the path of a LLaVA pre-training JSON file")
     image_folder: str | None = _opt(None, "image folder of a LLaVA JSON file (default: the JSON's folder)")
@@ -86,6 +87,7 @@ class TrainConfig(DictConfig):
 
     def __post_init__(self):
         self.check_types()
+        check_path_options(self, PATH_OPTIONS)
         self.check_positive_ints(
             "steps", "global_batch", "log_every", "max_caption_tokens", "train_samples", "keep_checkpoints"
         )
@@ -119,6 +121,19 @@ class TrainConfig(DictConfig):
             flags = ", ".join("--" + name.replace("_", "-") for name in ignored)
             raise ValueError(f"TrainConfig: {flags} {'is' if len(ignored) == 1 else 'are'} for stage "
                              f"{_other(self.stage)!r} only; stage {self.stage!r} {STAGE_ONLY_WHY[self.stage]}")
+
+    def batch_split(self, world_size: int) -> tuple[int, int]:
+        """(micro_batch, accumulation steps) of one optimizer step over ``world_size`` processes; a
+        ValueError where global_batch is not a multiple of micro_batch x processes, or where the
+        synthetic training set is smaller than one micro-batch per process."""
+        micro = self.micro_batch or max(1, self.global_batch // world_size)
+        if self.global_batch % (micro * world_size):
+            raise ValueError(f"global_batch={self.global_batch} must be a multiple of micro_batch ({micro}) x "
+                             f"processes ({world_size})")
+        if self.data == "synthetic" and self.train_samples < micro * world_size:
+            raise ValueError(f"train_samples={self.train_samples} is less than one micro-batch of {micro} per "
+                             f"process ({world_size} processes)")
+        return micro, self.global_batch // (micro * world_size)
 
     def resume_conflicts(self, saved: dict) -> tuple[list[str], list[str]]:
         """Against a checkpoint's saved TrainConfig dict: (model options that differ: the model is the
@@ -173,6 +188,26 @@ MODEL_OPTIONS = ("model", "bridge", "image_size", "scale_source", "vision_path",
 # What shapes the trajectory: a resume with any of these changed does not continue the saved run.
 TRAJECTORY_OPTIONS = ("global_batch", "seed", "data", "image_folder", "train_samples", "max_caption_tokens", "steps",
                       "lr", "warmup_ratio", "weight_decay", "max_grad_norm", "precision")
+
+
+# The path options and what each expects (an empty string is refused: it would mean the current folder).
+PATH_OPTIONS = {"vision_path": "a checkpoint folder", "llm_path": "a checkpoint folder",
+                "tokenizer_path": "a tokenizer folder", "init_from": "a run or checkpoint directory",
+                "data": "'synthetic' or a LLaVA JSON file", "image_folder": "a directory path",
+                "out_dir": "a directory path", "resume": "a checkpoint or run directory, or 'auto'"}
+
+
+def check_path_options(config, expected: dict[str, str]) -> None:
+    """ValueError naming the field where a path option of ``config`` (a TrainConfig or CompareConfig)
+    is an empty string (``expected``: field -> what it takes), or where image_folder is given with
+    synthetic data, which never reads it."""
+    name = type(config).__name__
+    for field, what in expected.items():
+        if getattr(config, field) == "":
+            raise ValueError(f"{name}.{field} is empty; expected {what} (leave the option out for its default)")
+    if config.image_folder is not None and config.data == "synthetic":
+        raise ValueError(f"{name}.image_folder={config.image_folder!r} is only read with data=<a LLaVA JSON file>; "
+                         f"with data='synthetic' the images are generated: give data too, or leave image_folder out")
 
 
 def _other(stage: str) -> str:
