@@ -80,6 +80,8 @@ def _cli_cases(tmp):
     not_a_dir = tmp / "file.txt"
     not_a_dir.write_text("x")
     (tmp / "empty").mkdir()
+    llava = tmp / "data.json"  # image_folder is read with a LLaVA JSON file only
+    llava.write_text('[{"id": "1", "image": "a.jpg", "conversations": [{"from": "gpt", "value": "a cat"}]}]')
     return [
         (["--max-grad-norm", "-1"], r"TrainConfig\.max_grad_norm must be a finite number >= 0 \(0: off\), got -1\.0"),
         (["--micro-batch", "0"], r"TrainConfig\.micro_batch must be a positive integer or None, got 0"),
@@ -94,7 +96,7 @@ def _cli_cases(tmp):
         (["--tokenizer-path", str(tmp / "tok")], f"tokenizer_path '{re.escape(str(tmp / 'tok'))}' does not exist"),
         (["--device", "gpu"], r"device must be cpu, cuda, cuda:N or auto, got 'gpu'"),
         (["--global-batch", "5", "--micro-batch", "2"], r"global_batch=5 must be a multiple of micro_batch \(2\)"),
-        (["--image-folder", str(tmp / "images")], f"image_folder '{re.escape(str(tmp / 'images'))}' does not exist"),
+        (["--data", str(llava), "--image-folder", str(tmp / "images")], f"image_folder '{re.escape(str(tmp / 'images'))}' does not exist"),
     ]
 
 

@@ -139,5 +139,5 @@ def test_cos_compare_needs_cuda_where_its_device_is_cuda(argv, source, tmp_path,
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert compare_main([*argv, "--out-dir", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")]) == 2
     err = _one_error_line(capsys, "cos-compare")
-    assert f"cos-compare: error: {source} needs a CUDA device" in err and "none is available here (torch" in err
+    assert f"cos-compare: error: {source} needs a CUDA device" in err and "CUDA is not available here (torch" in err
     assert not (tmp_path / "out").exists()  # refused before anything is written

@@ -6,12 +6,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 
 from ..config_io import DictConfig
 from ..config_io import option as _opt
 from ..mllm.config import MODEL_PRESETS, PROJECTOR_BRIDGES
 from ..ops import BACKENDS
+from ..resampler import check_device
 from ..train.config import check_path_options
 
 __all__ = ["CompareConfig", "COMPARE_PRESETS", "SCALINGS", "BASELINES", "check_cuda"]
@@ -92,17 +92,12 @@ PATH_OPTIONS = {"data": "'synthetic' or a LLaVA JSON file", "image_folder": "a d
 
 
 def check_cuda(device: str, source: str) -> None:
-    """ValueError unless a CUDA device is available where ``device`` names one; ``source`` says where
-    the device came from (e.g. "preset 'gpu-1b'" or "--device cuda")."""
-    if not device.startswith("cuda") or torch.cuda.is_available():
-        return
-    if torch.version.cuda is None:
-        why = f"torch {torch.__version__} is built without CUDA"
-    else:
-        why = (f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no device: no GPU or driver, or "
-               f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r} hides them")
-    raise ValueError(f"{source} needs a CUDA device (device={device!r}); none is available here ({why}); "
-                     f"--device cpu runs it on the CPU")
+    """check_device's ValueError, saying where the device came from (``source``, e.g. "preset
+    'gpu-1b'" or "--device cuda"), where ``device`` names a CUDA device that is not available."""
+    try:
+        check_device(device)
+    except ValueError as err:
+        raise ValueError(f"{source} needs a CUDA device: {err} (--device cpu runs it on the CPU)") from None
 
 
 _GPU = dict(device="cuda", precision="bf16", scaling="1296", global_batch=64, micro_batch=32, pretrain_steps=1000,

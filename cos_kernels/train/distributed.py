@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..resampler import check_device
 from .config import TrainConfig
 
 __all__ = ["DistEnv", "setup_distributed", "wrap_model", "all_reduce_sum", "all_reduce_max"]
@@ -56,12 +57,9 @@ def _resolve_device(name: str, local_rank: int) -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"device must be cpu, cuda, cuda:N or auto, got {name!r}")
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device={name!r} but CUDA is not available")
+        check_device(device)  # the device as given: CUDA available, its index visible
         if device.index is None:
-            device = torch.device(f"cuda:{local_rank}")
-        if device.index >= torch.cuda.device_count():
-            raise ValueError(f"device={name!r} but this machine has {torch.cuda.device_count()} CUDA device(s)")
+            device = check_device(f"cuda:{local_rank}")
     return device
 
 
