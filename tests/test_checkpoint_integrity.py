@@ -28,7 +28,7 @@ from cos_kernels import MultiScaleResampler, atomic_io
 from cos_kernels.mllm import MLLMConfig, SyntheticCaptions
 from cos_kernels.train import Trainer
 from cos_kernels.train.stopping import TrainingStopped
-from cos_kernels.train.checkpoint import TRAINER_STATE, read_configs, resolve_checkpoint
+from cos_kernels.train.checkpoint import CHECKPOINT_FORMS, TRAINER_STATE, read_configs, resolve_checkpoint
 from cos_kernels.train.cli import main
 from cos_kernels.train.data import check_data
 from cos_kernels.train.distributed import DistEnv
@@ -178,19 +178,23 @@ def test_a_file_of_a_checkpoint_names_its_directory(four_steps, name):
         resolve_checkpoint(str(last / name), what="resume")
 
 
-def test_other_files_and_empty_paths_are_refused(tmp_path, monkeypatch):
+def test_another_file_is_refused(tmp_path):
     other = tmp_path / "notes.txt"
     other.write_text("x")
     with pytest.raises(ValueError, match=re.escape(f"init_from '{other}' is a file; expected a checkpoint directory, "
                                                    f"a run directory or its checkpoints/ directory")):
         resolve_checkpoint(str(other), what="init_from")
-    monkeypatch.chdir(tmp_path)  # '' would be the current directory
-    with pytest.raises(ValueError, match=re.escape("resume='' is empty: give a checkpoint directory, a run directory "
-                                                   "or its checkpoints/ directory, or 'auto'")):
-        Trainer(tiny(tmp_path, resume=""))
+
+
+def test_an_empty_path_is_refused_not_taken_for_the_current_directory(four_steps, tmp_path, monkeypatch):
+    shutil.copytree(four_steps / "checkpoints", tmp_path / "checkpoints")
+    monkeypatch.chdir(tmp_path)  # '' would be the current directory, here a run directory
     with pytest.raises(ValueError, match=re.escape("init_from='' is empty: give a checkpoint directory, a run "
                                                    "directory or its checkpoints/ directory")):
-        Trainer(tiny(tmp_path, "ft", stage="finetune", init_from=""))
+        resolve_checkpoint("", what="init_from")
+    with pytest.raises(ValueError, match=re.escape("resume=' ' is empty: give a checkpoint directory, a run directory "
+                                                   "or its checkpoints/ directory, or 'auto'")):
+        resolve_checkpoint(" ", what="resume", forms=f"{CHECKPOINT_FORMS}, or 'auto'")  # as the Trainer calls it
 
 
 # ---- notices: nothing silently ignored ---------------------------------------------------------------
