@@ -4,6 +4,20 @@ then renamed into place, so a crash leaves either the old version or the new one
 Temporary names start with "." and end in TMP_SUFFIX, so that a later run can recognise and remove
 what a killed one left behind (remove_stale). Written files and directories get the permissions the
 umask gives (tempfile alone would make them private to the owner).
+
+A full disk, one rule for every writer (checkpoints, the LLM warm-up, save_pretrained, the port, the
+vision-tower cache): a failed write is re-worded as
+    OSError(ENOSPC, "no space left on the device writing PATH (N bytes free): <the writer's error>")
+when the failure is a full disk, that is when either
+  - the error, or one it was raised from, is an OSError ENOSPC / EDQUOT or its text holds the
+    system's words for them ("No space left on device", "Disk quota exceeded"): libraries wrap the
+    OSError in their own type (safetensors' SafetensorError is no OSError), or
+  - under 1 MiB is free on the filesystem at the moment of the failure, measured while the partial
+    temporary still holds what was written (a writer that streams its output stops on a full disk
+    with nearly nothing free; removing the partial output frees that space again, so measuring
+    afterwards would miss it; and torch.save's own messages, "unexpected pos N vs M" or
+    "basic_ios::clear: iostream error", do not say why it failed).
+A KeyboardInterrupt or SystemExit during a write is never re-worded.
 """
 
 from __future__ import annotations
@@ -17,6 +31,8 @@ from pathlib import Path
 __all__ = ["atomic_file", "atomic_dir", "atomic_text", "remove_stale", "TMP_SUFFIX"]
 
 TMP_SUFFIX = ".tmp"
+FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)  # a full disk, an exhausted quota
+NEARLY_FULL_BYTES = 1 << 20  # a failed write with less than this free is taken for a full disk
 
 
 def _umask() -> int:
@@ -25,15 +41,29 @@ def _umask() -> int:
     return mask
 
 
+def _says_full(err: BaseException | None) -> bool:
+    """Whether ``err`` or an error it was raised from reports a full disk or an exhausted quota."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in FULL_ERRNOS:
+            return True
+        if any(os.strerror(code).lower() in str(err).lower() for code in FULL_ERRNOS):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
 def _write_error(err: BaseException, path: Path) -> BaseException:
-    """``err`` re-worded when the filesystem of ``path`` is full (the libraries' own messages, such as
-    torch.save's "basic_ios::clear: iostream error", do not say so)."""
-    full = isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
+    """``err`` re-worded as OSError(ENOSPC) naming ``path`` when the write failed on a full disk (the
+    rule in the module docstring); call it before removing the partial temporary."""
+    if not isinstance(err, Exception):
+        return err
     try:
         free = shutil.disk_usage(path.parent).free
     except OSError:
         free = None
-    if full or (free is not None and free < 1 << 20):
+    if _says_full(err) or (free is not None and free < NEARLY_FULL_BYTES):
         return OSError(errno.ENOSPC, f"no space left on the device writing {path} ({free} bytes free): {err}")
     return err
 
@@ -48,8 +78,8 @@ def atomic_file(path: str | os.PathLike, write) -> None:
         os.chmod(tmp, 0o666 & ~_umask())  # after: some writers (safetensors) create the file 0600
         os.replace(tmp, path)
     except BaseException as err:
+        new = _write_error(err, path)  # while the partial file still takes its space
         Path(tmp).unlink(missing_ok=True)
-        new = _write_error(err, path)
         if new is err:
             raise
         raise new from err
@@ -78,8 +108,8 @@ def atomic_dir(final: str | os.PathLike, write) -> None:
         else:
             os.replace(tmp, final)
     except BaseException as err:
+        new = _write_error(err, final)  # while the partial directory still takes its space
         shutil.rmtree(tmp, ignore_errors=True)
-        new = _write_error(err, final)
         if new is err:
             raise
         raise new from err

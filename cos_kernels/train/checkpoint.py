@@ -5,19 +5,42 @@ A checkpoint is a directory ``<run>/checkpoints/step-NNNNNNN`` holding
                         "relative_paths": {MLLMConfig path field: its path relative to the run directory}}
     model.safetensors  the trainable parameters (full tensors, whatever the sharding)
     trainer.pt         optimizer and scheduler states, step, data position, every rank's RNG states,
-                       the loss history and the meter's running totals: tensors and plain Python
-                       values only, read back with torch.load(weights_only=True)
-    manifest.json      the byte sizes of model.safetensors and trainer.pt, written last
+                       the loss history and the meter's running totals (TRAINER_STATE): tensors and
+                       plain Python values only, read back with torch.load(weights_only=True)
+    manifest.json      {file: {"bytes": size, "sha256": hex digest}} of model.safetensors and
+                       trainer.pt, written last
 It is written under a temporary name and renamed into place, then ``<run>/checkpoints/latest`` is
 rewritten (also by rename), so a crash never leaves a half-written checkpoint behind "latest".
 Frozen parts are not saved: they are rebuilt from the config (seeded random init or a local path),
 and their checksums are compared on load. Paths inside the config are kept both as given and
 relative to the run directory, so a run directory can be moved or copied.
+
+What is verified on load (verify_checkpoint: on every resume, init_from, and
+MultiScaleResampler.from_pretrained of a cos-train run or checkpoint), in this order:
+  1. config.json, model.safetensors and trainer.pt are all present;
+  2. where manifest.json exists: it parses, and model.safetensors and trainer.pt have the byte
+     sizes it lists and, where it records one (checkpoints written since content hashes were
+     added; older manifests list sizes only and are still read), the SHA-256 of their contents;
+  3. config.json parses and its "model", "train" and "frozen_checksums" (and "relative_paths",
+     where present) are JSON objects;
+  4. model.safetensors has a readable safetensors header;
+  5. trainer.pt unpickles with torch.load(weights_only=True) and holds a dict with the keys and
+     types of TRAINER_STATE.
+config.json is not hashed: it may be edited by hand (a local path, say), so it is checked by
+parsing instead. Where the latest checkpoint fails any of these, ``--resume auto`` warns naming the
+file and takes the newest intact checkpoint before it; an explicit checkpoint (--resume PATH,
+init_from, from_pretrained) is refused with a ValueError naming the file. One failure is never
+skipped over: a trainer.pt that holds something other than tensors and plain values (refused by
+weights_only; a crash does not write that) is refused even under ``--resume auto``
+(UnsafeCheckpointError). After these checks, loading compares the frozen parts' checksums and the
+weights' names and shapes with the model rebuilt from config.json.
+Hashing reads both files once more on save and on load: about a second per GB.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import pickle
@@ -39,14 +62,26 @@ from ..atomic_io import atomic_dir, atomic_text
 from .distributed import DistEnv
 
 __all__ = ["save_checkpoint", "load_trainer_state", "load_weights", "resolve_checkpoint", "read_configs",
-           "list_checkpoints", "prune_checkpoints", "verify_checkpoint", "relative_paths",
-           "frozen_checksums", "check_frozen_checksums", "rng_state", "set_rng_state"]
+           "list_checkpoints", "prune_checkpoints", "verify_checkpoint", "relative_paths", "checkpoints_root",
+           "frozen_checksums", "check_frozen_checksums", "rng_state", "set_rng_state", "UnsafeCheckpointError",
+           "check_trainer_state", "TRAINER_STATE", "CHECKPOINT_FORMS"]
 
 CONFIG, WEIGHTS, TRAINER, MANIFEST = "config.json", "model.safetensors", "trainer.pt", "manifest.json"
+HASHED = (WEIGHTS, TRAINER)  # config.json is checked by parsing it: it may be edited by hand
+# trainer.pt's entries and their types: what save_checkpoint writes (it checks) and loading needs
+TRAINER_STATE = {"step": int, "data_position": int, "losses": list, "meter_totals": dict, "optimizer": dict,
+                 "scheduler": dict, "rng": list}
+CONFIG_SECTIONS = ("model", "train", "frozen_checksums")
+# what a checkpoint option may name (the errors of resolve_checkpoint say it)
+CHECKPOINT_FORMS = "a checkpoint directory, a run directory or its checkpoints/ directory"
 PATH_FIELDS = ("vision_path", "llm_path", "tokenizer_path")  # MLLMConfig fields naming local files
 # MLLMConfig fields added after checkpoints were first written, with the value those checkpoints used.
 LEGACY_MODEL_FIELDS = {"bridge_norm_eps": 1e-6}
 _STEP = re.compile(r"step-(\d+)$")
+
+
+class UnsafeCheckpointError(ValueError):
+    """trainer.pt holds something other than tensors and plain values: refused, never skipped over."""
 
 
 def rng_state() -> dict:
@@ -109,9 +144,64 @@ def relative_paths(model_config: dict, run_dir: Path) -> dict[str, str]:
             for name in PATH_FIELDS if model_config.get(name) is not None}
 
 
-def _file_sizes(directory: Path) -> dict[str, int]:
-    """The binary files' sizes (config.json is checked by parsing it: it may be edited by hand)."""
-    return {name: (directory / name).stat().st_size for name in (WEIGHTS, TRAINER)}
+def _sha256(path: Path) -> str:
+    """The hex SHA-256 of a file's contents, read in chunks."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _manifest(directory: Path) -> dict[str, dict]:
+    """{file: {"bytes": size, "sha256": digest}} of the checkpoint's binary files (HASHED)."""
+    return {name: {"bytes": (directory / name).stat().st_size, "sha256": _sha256(directory / name)}
+            for name in HASHED}
+
+
+def _manifest_entry(manifest: Path, entries: dict, name: str) -> tuple[int, str | None]:
+    """(size, sha256 or None) that the manifest lists for ``name``; older manifests list the size alone."""
+    entry = entries.get(name)
+    if isinstance(entry, int) and not isinstance(entry, bool):
+        return entry, None
+    if isinstance(entry, dict) and isinstance(entry.get("bytes"), int) and isinstance(entry.get("sha256"), str):
+        return entry["bytes"], entry["sha256"]
+    raise ValueError(f"{manifest} is corrupt: its entry for {name} is {entry!r}; expected "
+                     f"{{\"bytes\": SIZE, \"sha256\": HEX}}")
+
+
+def _check_manifest(path: Path) -> None:
+    """ValueError naming the file unless the binary files have the sizes and content hashes
+    manifest.json lists (checkpoints without a manifest predate it: nothing to compare)."""
+    manifest = path / MANIFEST
+    if not manifest.is_file():
+        return
+    try:
+        entries = json.loads(manifest.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{manifest} is corrupt: {err}") from None
+    if not isinstance(entries, dict):
+        raise ValueError(f"{manifest} is corrupt: it holds a {type(entries).__name__}, expected a JSON object")
+    for name in HASHED:
+        size, digest = _manifest_entry(manifest, entries, name)
+        found = (path / name).stat().st_size
+        if found != size:
+            raise ValueError(f"{path / name} is corrupt: {found} bytes, the manifest says {size}")
+        if digest is not None and _sha256(path / name) != digest:
+            raise ValueError(f"{path / name} is corrupt: its content hash (sha256) differs from the one "
+                             f"{manifest} records (same size, other bytes)")
+
+
+def check_trainer_state(state, where: Path) -> None:
+    """ValueError naming ``where`` unless ``state`` is a dict with TRAINER_STATE's keys and types."""
+    expected = ", ".join(f"{key} ({kind.__name__})" for key, kind in TRAINER_STATE.items())
+    if not isinstance(state, dict):
+        raise ValueError(f"{where} is not a trainer state: it holds a {type(state).__name__}; expected a dict "
+                         f"of {expected}")
+    missing = [key for key in TRAINER_STATE if key not in state]
+    wrong = [f"its {key} is a {type(state[key]).__name__}" for key, kind in TRAINER_STATE.items()
+             if key in state and not (isinstance(state[key], kind) and not isinstance(state[key], bool))]
+    problems = ([f"it lacks {missing}"] if missing else []) + wrong
+    if problems:
+        raise ValueError(f"{where} is not a trainer state cos-train wrote: {'; '.join(problems)}; expected a dict "
+                         f"of {expected}")
 
 
 def _check_space(root: Path, tensors: list[dict]) -> None:
@@ -147,13 +237,14 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer,
     final = root / f"step-{step:07d}"
     if env.is_main:
         state = {**trainer_state, "step": step, "optimizer": optim, "scheduler": scheduler.state_dict(), "rng": rngs}
+        check_trainer_state(state, final / TRAINER)  # what verify_checkpoint will ask of it
         _check_space(root, [weights, state])
 
         def write(tmp: Path) -> None:
             save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / WEIGHTS))
             torch.save(state, tmp / TRAINER)
             (tmp / CONFIG).write_text(json.dumps(configs, indent=2))
-            (tmp / MANIFEST).write_text(json.dumps(_file_sizes(tmp)))
+            (tmp / MANIFEST).write_text(json.dumps(_manifest(tmp)))
 
         atomic_dir(final, write)
         atomic_text(root / "latest", final.name)
@@ -170,39 +261,51 @@ def prune_checkpoints(checkpoints: list[Path], keep: int) -> list[Path]:
 
 
 def verify_checkpoint(path: Path) -> None:
-    """Raise ValueError naming the broken file unless ``path`` is a complete checkpoint: every file
-    present, the sizes its manifest lists, a readable config and safetensors header."""
+    """Raise ValueError naming the broken file unless ``path`` is a complete, intact checkpoint: the
+    checks listed in the module docstring."""
     missing = [name for name in (CONFIG, WEIGHTS, TRAINER) if not (path / name).is_file()]
     if missing:
         raise ValueError(f"{path} is not a complete checkpoint: it lacks {missing}")
-    if (path / MANIFEST).is_file():
-        try:
-            expected = json.loads((path / MANIFEST).read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{path / MANIFEST} is corrupt: {err}") from None
-        for name, size in _file_sizes(path).items():
-            if expected.get(name) != size:
-                raise ValueError(f"{path / name} is corrupt: {size} bytes, the manifest says {expected.get(name)}")
+    _check_manifest(path)
     read_configs(path)
     try:
         with safe_open(str(path / WEIGHTS), framework="pt") as f:
             list(f.keys())
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{path / WEIGHTS} is corrupt: {err}") from None
+    read_trainer_state(path)
 
 
-def resolve_checkpoint(path: str | Path, fallback: bool = False, warn=print, what: str = "checkpoint") -> Path:
+def checkpoints_root(path: Path) -> Path | None:
+    """The checkpoints/ directory ``path`` is (or holds, for a run directory), or None."""
+    return next((r for r in (path / "checkpoints", path) if (r / "latest").is_file() or list_checkpoints(r)), None)
+
+
+def _check_checkpoint_path(path: str | Path, what: str, forms: str) -> Path:
+    """``path`` as a Path, or an error saying what ``what`` must name: not empty, existing, a directory."""
+    if isinstance(path, str) and not path.strip():
+        raise ValueError(f"{what}={path!r} is empty: give {forms}")
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist ({forms})")
+    if path.is_file():
+        if path.name in (CONFIG, WEIGHTS, TRAINER, MANIFEST) and (path.parent / CONFIG).is_file():
+            raise ValueError(f"{what} {str(path)!r} is a file of the checkpoint {path.parent}; point {what} at "
+                             f"the checkpoint directory {path.parent} (or the run directory)")
+        raise ValueError(f"{what} {str(path)!r} is a file; expected {forms}")
+    return path
+
+
+def resolve_checkpoint(path: str | Path, fallback: bool = False, warn=print, what: str = "checkpoint",
+                       forms: str = CHECKPOINT_FORMS) -> Path:
     """A checkpoint directory, given it, a run directory or a checkpoints/ directory (-> its latest);
-    ``what`` names the option it came from in the errors.
+    ``what`` names the option it came from in the errors, ``forms`` what that option may name.
 
     fallback: where the latest is missing or broken, take the newest intact checkpoint beside it,
     with a warning naming each broken one (``--resume auto``). Without it a broken checkpoint is a
-    ValueError naming the broken file."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{what} {str(path)!r} does not exist (a checkpoint, a run directory or its "
-                                f"checkpoints/ directory)")
-    root = next((r for r in (path / "checkpoints", path) if (r / "latest").is_file() or list_checkpoints(r)), None)
+    ValueError naming the broken file. An UnsafeCheckpointError is raised either way."""
+    path = _check_checkpoint_path(path, what, forms)
+    root = checkpoints_root(path)
     if root is None:
         verify_checkpoint(path)
         return path
@@ -215,6 +318,8 @@ def resolve_checkpoint(path: str | Path, fallback: bool = False, warn=print, wha
         try:
             verify_checkpoint(candidate)
             return candidate
+        except UnsafeCheckpointError:
+            raise
         except ValueError as err:
             if not fallback:
                 raise
@@ -230,8 +335,14 @@ def read_configs(path: Path) -> dict:
         configs = json.loads((path / CONFIG).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path / CONFIG} is corrupt: {err}") from None
-    if not isinstance(configs, dict) or not {"model", "train", "frozen_checksums"} <= set(configs):
+    if not isinstance(configs, dict) or not set(CONFIG_SECTIONS) <= set(configs):
         raise ValueError(f"{path / CONFIG} is not a checkpoint config (it lacks model / train / frozen_checksums)")
+    sections = [*CONFIG_SECTIONS, *(["relative_paths"] if "relative_paths" in configs else [])]
+    wrong = [f"{name!r} is a {type(configs[name]).__name__}" for name in sections
+             if not isinstance(configs[name], dict)]
+    if wrong:
+        raise ValueError(f"{path / CONFIG} is not a checkpoint config: {', '.join(sections)} must be JSON objects "
+                         f"(dicts), but {', '.join(wrong)}")
     configs["model"] = {**LEGACY_MODEL_FIELDS, **configs["model"]}
     run_dir = path.resolve().parent.parent
     for name, relative in configs.get("relative_paths", {}).items():
@@ -259,14 +370,18 @@ def load_weights(path: Path, model: nn.Module) -> None:
 
 
 def read_trainer_state(path: Path) -> dict:
-    """trainer.pt, unpickled with weights_only=True: a crafted file cannot run code."""
+    """trainer.pt, unpickled with weights_only=True (a crafted file cannot run code; it is an
+    UnsafeCheckpointError) and memory-mapped, its entries checked against TRAINER_STATE."""
     try:
-        return torch.load(path / TRAINER, weights_only=True, map_location="cpu", mmap=True)
+        state = torch.load(path / TRAINER, weights_only=True, map_location="cpu", mmap=True)
     except pickle.UnpicklingError as err:
-        raise ValueError(f"{path / TRAINER} holds something other than tensors and plain values (refused by "
-                         f"torch.load(weights_only=True)): {str(err).splitlines()[0]}") from None
+        raise UnsafeCheckpointError(
+            f"{path / TRAINER} holds something other than tensors and plain values (refused by "
+            f"torch.load(weights_only=True)): {str(err).splitlines()[0]}") from None
     except (RuntimeError, EOFError, OSError) as err:
         raise ValueError(f"{path / TRAINER} is corrupt: {str(err).splitlines()[0]}") from None
+    check_trainer_state(state, path / TRAINER)
+    return state
 
 
 def load_trainer_state(path: Path, model: nn.Module, optimizer, scheduler, env: DistEnv) -> dict:

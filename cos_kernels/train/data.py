@@ -11,12 +11,22 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from ..mllm import CaptionCollator, LlavaPretrainDataset, SyntheticCaptions
 from .config import TrainConfig
 
-__all__ = ["check_data", "build_train_dataset", "build_eval_dataset", "EpochSampler", "MicroBatchStream"]
+__all__ = ["check_data", "check_data_paths", "check_images", "build_train_dataset", "build_eval_dataset",
+           "EpochSampler", "MicroBatchStream"]
 
 EVAL_SEED_OFFSET = 1_000_003  # held-out synthetic scenes come from another seed
 
 
-def check_data(config: TrainConfig) -> None:
+def check_data(config: TrainConfig, log=print) -> None:
+    """Every training input, before anything expensive: check_data_paths, then for a LLaVA JSON file
+    its entries (parsed as training will) and check_images. Costs one more parse of the file and a
+    stat per image (seconds for LLaVA's 558K)."""
+    check_data_paths(config)
+    if config.data != "synthetic":
+        check_images(_llava_dataset(config, image_size=1), log)  # the size matters only when reading images
+
+
+def check_data_paths(config: TrainConfig) -> None:
     """FileNotFoundError naming the option unless data is 'synthetic' or an existing JSON file and
     image_folder, where given, exists."""
     if config.data != "synthetic" and not Path(config.data).is_file():
@@ -25,11 +35,32 @@ def check_data(config: TrainConfig) -> None:
         raise FileNotFoundError(f"image_folder {config.image_folder!r} does not exist")
 
 
+def check_images(data: LlavaPretrainDataset, log=print) -> None:
+    """FileNotFoundError when none of the images the dataset lists exists; a note counting the
+    missing ones when some are (training skips them and counts them in skipped_images). Images that
+    exist but cannot be decoded are found when read."""
+    images = [image for _, image, _ in data.samples]
+    missing = [image for image in images if not (data.image_folder / image).is_file()]
+    if not missing:
+        return
+    where = f"listed in {data.json_path} under image_folder {str(data.image_folder)!r}"
+    if len(missing) == len(images):
+        raise FileNotFoundError(f"none of the {len(images)} images {where} exists (the first: "
+                                f"{data.image_folder / missing[0]}); the JSON file's image paths are relative "
+                                f"to image_folder (default: the JSON file's folder)")
+    log(f"note: {len(missing)} of the {len(images)} images {where} do not exist (the first: "
+        f"{data.image_folder / missing[0]}); training skips them and counts them in skipped_images")
+
+
 def build_train_dataset(config: TrainConfig, image_size: int) -> Dataset:
     """The synthetic set, or a LLaVA pre-training JSON file with its image folder."""
-    check_data(config)
+    check_data_paths(config)
     if config.data == "synthetic":
         return SyntheticCaptions(config.train_samples, image_size, seed=config.seed)
+    return _llava_dataset(config, image_size)
+
+
+def _llava_dataset(config: TrainConfig, image_size: int) -> LlavaPretrainDataset:
     json_path = Path(config.data)
     return LlavaPretrainDataset(json_path, config.image_folder or json_path.parent, image_size)
 

@@ -9,7 +9,7 @@ from safetensors import SafetensorError, safe_open
 
 from ..config import CoSConfig
 from ..mllm.config import MLLMConfig
-from .checkpoint import WEIGHTS, read_configs, resolve_checkpoint
+from .checkpoint import MANIFEST, TRAINER, WEIGHTS, checkpoints_root, read_configs, resolve_checkpoint
 
 __all__ = ["read_bridge"]
 
@@ -20,10 +20,15 @@ def read_bridge(path: str | Path) -> tuple[CoSConfig, dict[str, torch.Tensor], P
     """(the bridge's CoSConfig, its state dict in MultiScaleResampler's names, the weights file) of
     ``path``: a cos-train run directory or its checkpoints/ directory (their latest checkpoint) or
     one checkpoint. The widths and levels are read off the weights (a local vision_path or llm_path
-    need not exist here); the layout, heads and epsilon off the saved model config."""
+    need not exist here); the layout, heads and epsilon off the saved model config.
+
+    The checkpoint is verified as on resume (checkpoint.verify_checkpoint: sizes and content hashes
+    against its manifest, ...); a damaged one is refused with the file named."""
     try:
         checkpoint = resolve_checkpoint(path, what="MultiScaleResampler.from_pretrained path")
     except ValueError as err:
+        if _is_cos_train_output(Path(path)):
+            raise
         raise ValueError(f"{path} is neither a directory save_pretrained wrote (config.json and "
                          f"model.safetensors) nor a cos-train run or checkpoint: {err}") from None
     model_config = MLLMConfig.from_dict(read_configs(checkpoint)["model"])
@@ -41,3 +46,8 @@ def read_bridge(path: str | Path) -> tuple[CoSConfig, dict[str, torch.Tensor], P
     vision_dim, llm_dim = state[needed[0]].shape[1], state[needed[1]].shape[0]
     num_levels = len({k.split(".")[1] for k in state if k.startswith("levels.")})
     return model_config.resampler_config(vision_dim, llm_dim, num_levels), state, weights
+
+
+def _is_cos_train_output(path: Path) -> bool:
+    """A run directory, its checkpoints/ directory or a checkpoint (its errors are then its own)."""
+    return checkpoints_root(path) is not None or any((path / name).is_file() for name in (MANIFEST, TRAINER))

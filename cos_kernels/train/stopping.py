@@ -1,5 +1,6 @@
-"""A graceful stop on SIGINT / SIGTERM: the current step finishes, a checkpoint is written, then
-TrainingStopped is raised. A second SIGINT aborts at once (KeyboardInterrupt)."""
+"""A graceful stop on SIGINT / SIGTERM: the current step (of training or of the LLM warm-up)
+finishes, its state is written (a checkpoint, or the warm-up's partial state), then TrainingStopped
+is raised. A second SIGINT aborts at once (KeyboardInterrupt)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class TrainingStopped(RuntimeError):
-    """Training stopped on a signal, after writing a checkpoint; ``signum`` is the signal's number."""
+    """Training or the LLM warm-up stopped on a signal, after writing its state; ``signum`` is the
+    signal's number."""
 
     def __init__(self, message: str, signum: int):
         super().__init__(message)
@@ -36,8 +38,8 @@ class StopSignals:
         if self.signum and signum == signal.SIGINT:
             raise KeyboardInterrupt  # the second Ctrl-C: abort now
         self.signum = signum
-        os.write(2, f"\n{signal.Signals(signum).name}: stopping after this step and writing a checkpoint "
-                    f"(Ctrl-C again to abort without one)\n".encode())
+        os.write(2, f"\n{signal.Signals(signum).name}: stopping after this step and saving its state "
+                    f"(Ctrl-C again to abort without saving)\n".encode())
 
     def __enter__(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():  # signal handlers live there only

@@ -26,9 +26,9 @@ from ..mllm import IGNORE_INDEX, CaptionCollator, CoSMLLM, MLLMConfig
 from ..mllm.config import PORT_CHOICES
 from ..resampler import MultiScaleResampler
 from ..atomic_io import remove_stale
-from .checkpoint import (check_frozen_checksums, frozen_checksums, list_checkpoints, load_trainer_state, load_weights,
-                         prune_checkpoints, read_configs, relative_paths, resolve_checkpoint, save_checkpoint,
-                         step_of)
+from .checkpoint import (CHECKPOINT_FORMS, check_frozen_checksums, frozen_checksums, list_checkpoints,
+                         load_trainer_state, load_weights, prune_checkpoints, read_configs, relative_paths,
+                         resolve_checkpoint, save_checkpoint, step_of)
 from .config import TrainConfig
 from .data import MicroBatchStream, build_eval_dataset, build_train_dataset, check_data
 from .distributed import DistEnv, all_reduce_sum, setup_distributed, wrap_model
@@ -141,7 +141,7 @@ class Trainer:
             for root in (self.run_dir, self.run_dir / "checkpoints"):
                 for stale in remove_stale(root):
                     self.log(f"removed {stale}: an unfinished write of an interrupted run")
-        check_data(cfg)
+        check_data(cfg, self.log)
 
     def _resume_checkpoint(self) -> Path | None:
         """The checkpoint to resume: config.resume, or with "auto" the run directory's newest intact
@@ -149,11 +149,16 @@ class Trainer:
         cfg = self.config
         root = self.run_dir / "checkpoints"
         if cfg.resume is None or (cfg.resume == "auto" and not list_checkpoints(root)):
+            if cfg.allow_config_change:
+                nothing = ("resume is not given" if cfg.resume is None
+                           else f"resume='auto' found no checkpoint in {root}")
+                self.log(f"note: allow_config_change has no effect without a resumed checkpoint: {nothing}, so "
+                         f"nothing is resumed")
             return None
         if cfg.resume == "auto":
             path = resolve_checkpoint(self.run_dir, fallback=True, warn=self.log)
         else:
-            path = resolve_checkpoint(cfg.resume, what="resume")
+            path = resolve_checkpoint(cfg.resume, what="resume", forms=f"{CHECKPOINT_FORMS}, or 'auto'")
         saved = read_configs(path)["train"]
         if saved["stage"] != cfg.stage:
             raise ValueError(f"resume={cfg.resume!r} is a {saved['stage']!r} checkpoint; this run's stage is {cfg.stage!r}")
@@ -226,7 +231,8 @@ class Trainer:
             steps = TINY_LLM_WARMUP_STEPS if cfg.model_preset == "tiny" and model_config.llm_path is None else 0
         if steps and model_config.llm_path is None:
             captions = build_train_dataset(cfg, model_config.image_size)
-            model_config = warm_up_llm(model_config, captions, steps, self.run_dir, self.env, self.log)
+            model_config = warm_up_llm(model_config, captions, steps, self.run_dir, self.env, self.log,
+                                       resume_hint=self._resume_hint())
         return model_config
 
     def _cast_frozen(self) -> None:
@@ -324,6 +330,9 @@ class Trainer:
         already), NonFiniteLossError is raised."""
         cfg, env = self.config, self.env
         self.log(self._describe())
+        if self.step >= cfg.steps:
+            self.log(f"note: resumed at step {self.step}, which is already >= steps={cfg.steps}: nothing to train; "
+                     f"the checkpoint is left as it is")
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not env.is_main, desc=cfg.stage, unit="step",
                    dynamic_ncols=True, mininterval=1.0)
         first_loss = self.losses[0] if self.losses else None
