@@ -96,6 +96,7 @@ def _cli_cases(tmp):
         (["--tokenizer-path", str(tmp / "tok")], f"tokenizer_path '{re.escape(str(tmp / 'tok'))}' does not exist"),
         (["--device", "gpu"], r"device must be cpu, cuda, cuda:N or auto, got 'gpu'"),
         (["--global-batch", "5", "--micro-batch", "2"], r"global_batch=5 must be a multiple of micro_batch \(2\)"),
+        (["--backend", "cuda"], r"backend='cuda' cannot run on cpu"),  # the CUDA kernels need a CUDA device
         (["--data", str(llava), "--image-folder", str(tmp / "images")], f"image_folder '{re.escape(str(tmp / 'images'))}' does not exist"),
     ]
 

@@ -105,7 +105,7 @@ def _compare_cases(tmp_path):
         (["--data", str(tmp_path / "missing.json")], "data must be 'synthetic' or an existing LLaVA JSON file"),
         (["--data", _llava_json(tmp_path, "bad.json", "{not json")], r"bad\.json is not valid JSON"),
         (["--data", _llava_json(tmp_path, "data.json", missing_images)],
-         r"none of the 1 images listed in .*data\.json could be read \(image_folder '.*'\)"),
+         r"none of the 1 images listed in .*data\.json under image_folder '.*' exists"),
         (["--image-folder", str(tmp_path)], r"image_folder='.*' is only read with data=<a LLaVA JSON file>"),
         (["--backend", "cuda"], r"backend='cuda' cannot run on cpu"),  # the CUDA kernels need a CUDA device
         (["--global-batch", "5", "--micro-batch", "2"],

@@ -79,8 +79,9 @@ def _run(config: CompareConfig, threads: int | None, device_source: str) -> int:
     try:
         components, results = run_all(config, log)
     except TrainingStopped as err:
-        print(f"cos-compare: stopped by {signal.Signals(err.signum).name} (the stage's checkpoint is written); "
-              f"rerun the same command to continue: finished runs are reused, the stopped stage resumes",
+        print(f"cos-compare: stopped by {signal.Signals(err.signum).name} (its state is written: the stage's "
+              f"checkpoint, or the LLM warm-up's); rerun the same command to continue: finished runs are "
+              f"reused, the stopped stage resumes",
               file=sys.stderr)
         return 128 + err.signum
     except NonFiniteLossError as err:

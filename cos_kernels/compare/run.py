@@ -21,11 +21,11 @@ from pathlib import Path
 
 from ..atomic_io import atomic_text
 from ..mllm import MLLMConfig
-from ..ops import resolve_backend
 from ..train.config import TrainConfig
 from ..train.data import build_train_dataset
 from ..train.distributed import setup_distributed
 from ..train.trainer import Trainer
+from ..train.trainer import check_inputs as check_run_inputs
 from ..train.warmup import warm_up_llm
 from .config import CompareConfig
 from .probe import probe_tower
@@ -54,29 +54,18 @@ def stage_sizes(config: CompareConfig) -> tuple[int, int]:
     return size, 2 * size
 
 
-def check_inputs(config: CompareConfig) -> None:
+def check_inputs(config: CompareConfig, log=print) -> None:
     """Everything the comparison takes from its user, checked before its first expensive step (the
     vision tower's pre-training): the TrainConfig of every stage, the device and the processes
-    (torchrun's), global_batch split into micro-batches over them, the backend on that device, the
-    vision / LLM checkpoints given, and the data file (there, its format, and that an image of it reads);
+    (torchrun's), then what cos-train checks of a run (train.trainer.check_inputs: the batch split,
+    the backend on that device, the data file and its images) and the vision / LLM checkpoints given;
     a ValueError or OSError naming the option."""
     components = {"vision_path": config.vision_path, "llm_path": config.llm_path}
     # every stage's TrainConfig checks its options; they share the device, the batch and the data
     stages = [stage_configs(config, recipe, seed, components) for seed in config.seeds for recipe in recipes(config)]
     first = stages[0][0]
-    env = setup_distributed(first)
-    first.batch_split(env.world_size)
-    try:
-        resolve_backend(config.backend, env.device)
-    except RuntimeError as err:  # a known backend that cannot run here
-        raise ValueError(str(err)) from None
+    check_run_inputs(first, setup_distributed(first), log)
     MLLMConfig.from_preset(config.model, **components).check_paths()
-    if config.data != "synthetic":
-        dataset = build_train_dataset(first, stage_sizes(config)[0])
-        try:
-            dataset[0]
-        except RuntimeError as err:  # none of its images reads
-            raise ValueError(f"data={config.data!r}: {err} (image_folder {str(dataset.image_folder)!r})") from None
 
 
 def prepare_components(config: CompareConfig, log=print) -> dict:
@@ -177,7 +166,7 @@ def run_all(config: CompareConfig, log=print) -> tuple[dict, list[dict]]:
     """The shared components, then every (seed, recipe) run, seeds outermost so that a partial
     comparison already has every recipe; progress lines with elapsed time and an estimate of the rest.
     The inputs are checked first (check_inputs)."""
-    check_inputs(config)
+    check_inputs(config, log)
     components = prepare_components(config, log)
     plan = [(seed, recipe) for seed in config.seeds for recipe in recipes(config)]
     results, start = [], time.perf_counter()

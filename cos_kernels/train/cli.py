@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Exit codes: 0 done; 1 stopped on a non-finite loss; 2 a usage error (bad option, missing or
     unwritable path, incompatible checkpoint), reported in one line; 128 + N stopped by signal N
-    (SIGINT 130, SIGTERM 143) after writing a checkpoint."""
+    (SIGINT 130, SIGTERM 143) after writing a checkpoint (or the LLM warm-up's partial state)."""
     args = vars(build_parser().parse_args(argv))
     debug = args.pop("debug")
     return run_reporting_errors("cos-train", debug, lambda: _run(args))

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from ..mllm import IGNORE_INDEX, CaptionCollator, CoSMLLM, MLLMConfig
 from ..mllm.config import PORT_CHOICES
+from ..ops import resolve_backend
 from ..resampler import MultiScaleResampler
 from ..atomic_io import remove_stale
 from .checkpoint import (CHECKPOINT_FORMS, check_frozen_checksums, frozen_checksums, list_checkpoints,
@@ -57,6 +58,20 @@ def cosine_with_warmup(warmup_steps: int, total_steps: int):
     return factor
 
 
+def check_inputs(config: TrainConfig, env: DistEnv, log=print) -> tuple[int, int]:
+    """What a run takes from its user that can be checked before anything expensive (the model build,
+    the LLM warm-up): global_batch split into micro-batches over env's processes, returned as
+    (micro_batch, accumulation steps); the backend on env's device; the data file and its images
+    (check_data). A ValueError or OSError naming the option."""
+    split = config.batch_split(env.world_size)
+    try:
+        resolve_backend(config.backend, env.device)
+    except RuntimeError as err:  # a known backend that cannot run on this device
+        raise ValueError(str(err)) from None
+    check_data(config, log)
+    return split
+
+
 class Trainer:
     """Builds the model for the stage, the data stream, optimizer, schedule; ``fit()`` trains."""
 
@@ -65,7 +80,7 @@ class Trainer:
         self.env: DistEnv = setup_distributed(config)
         self.run_dir = Path(config.run_dir)
         self.log = log or (lambda msg: tqdm.write(msg) if self.env.is_main else None)
-        self.micro_batch, self.accum = self._batch_split()
+        self.micro_batch, self.accum = check_inputs(config, self.env, self.log)
         self.precision = config.precision if config.precision != "auto" else (
             "bf16" if self.env.device.type == "cuda" else "fp32")
         torch.manual_seed(config.seed)
@@ -116,18 +131,6 @@ class Trainer:
         self.peak = peak_flops(self.env.device, config.peak_tflops)
 
     # ---- construction -----------------------------------------------------------------------
-    def _batch_split(self) -> tuple[int, int]:
-        cfg, world = self.config, self.env.world_size
-        micro = cfg.micro_batch or max(1, cfg.global_batch // world)
-        if cfg.global_batch % (micro * world):
-            raise ValueError(
-                f"global_batch={cfg.global_batch} must be a multiple of micro_batch ({micro}) x processes ({world})"
-            )
-        if cfg.data == "synthetic" and cfg.train_samples < micro * world:
-            raise ValueError(f"train_samples={cfg.train_samples} is less than one micro-batch of {micro} per process "
-                             f"({world} processes)")
-        return micro, cfg.global_batch // (micro * world)
-
     def _check_paths(self) -> None:
         """The run directory is writable (and cleared of what killed writers left), the inputs exist."""
         cfg = self.config
@@ -141,7 +144,6 @@ class Trainer:
             for root in (self.run_dir, self.run_dir / "checkpoints"):
                 for stale in remove_stale(root):
                     self.log(f"removed {stale}: an unfinished write of an interrupted run")
-        check_data(cfg, self.log)
 
     def _resume_checkpoint(self) -> Path | None:
         """The checkpoint to resume: config.resume, or with "auto" the run directory's newest intact
