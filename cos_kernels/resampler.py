@@ -373,13 +373,14 @@ def check_bool(value, name: str) -> None:
         raise TypeError(f"{name} must be a bool (True or False), got {value!r} ({type(value).__name__})")
 
 
-def check_device(device, name: str = "device") -> torch.device:
+def check_device(device, name: str = "device", fix: str | None = None) -> torch.device:
     """``device`` (a torch.device, a str such as "cuda:0", or None for the CPU) as a torch.device.
 
     TypeError unless it names a device; ValueError for a CUDA device where CUDA is not available
     (torch built without CUDA, or no GPU visible) or whose index is beyond the visible devices, so
     that no caller meets torch's "Torch not compiled with CUDA enabled" deep inside a traceback.
-    ``name`` is the argument's name in the messages."""
+    ``name`` is the argument's name in the messages, ``fix`` the advice that ends the CUDA one
+    (default: use the CPU or None)."""
     try:
         resolved = torch.device("cpu" if device is None else device)
     except (TypeError, RuntimeError) as err:
@@ -389,8 +390,8 @@ def check_device(device, name: str = "device") -> torch.device:
     if not torch.cuda.is_available():
         why = (f"torch {torch.__version__} is built without CUDA" if torch.version.cuda is None else
                f"no GPU is visible to torch {torch.__version__} (CUDA {torch.version.cuda})")
-        raise ValueError(f"{name}={str(resolved)!r} but CUDA is not available here ({why}): use "
-                         f"{name}='cpu' or None")
+        fix = fix or f"use {name}='cpu' or None"
+        raise ValueError(f"{name}={str(resolved)!r} but CUDA is not available here ({why}): {fix}")
     count = torch.cuda.device_count()
     if resolved.index is not None and resolved.index >= count:
         raise ValueError(f"{name}={str(resolved)!r} but only {count} CUDA device(s) are visible "

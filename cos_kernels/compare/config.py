@@ -95,9 +95,9 @@ def check_cuda(device: str, source: str) -> None:
     """check_device's ValueError, saying where the device came from (``source``, e.g. "preset
     'gpu-1b'" or "--device cuda"), where ``device`` names a CUDA device that is not available."""
     try:
-        check_device(device)
+        check_device(device, fix="--device cpu runs it on the CPU")
     except ValueError as err:
-        raise ValueError(f"{source} needs a CUDA device: {err} (--device cpu runs it on the CPU)") from None
+        raise ValueError(f"{source} needs a CUDA device: {err}") from None
 
 
 _GPU = dict(device="cuda", precision="bf16", scaling="1296", global_batch=64, micro_batch=32, pretrain_steps=1000,

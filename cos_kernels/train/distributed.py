@@ -57,7 +57,7 @@ def _resolve_device(name: str, local_rank: int) -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"device must be cpu, cuda, cuda:N or auto, got {name!r}")
     if device.type == "cuda":
-        check_device(device)  # the device as given: CUDA available, its index visible
+        check_device(device, fix="use device='cpu' or 'auto'")  # as given: CUDA available, its index visible
         if device.index is None:
             device = check_device(f"cuda:{local_rank}")
     return device
