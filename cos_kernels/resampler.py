@@ -29,7 +29,7 @@ from .grouped_linear import grouped_linear
 from .layout import WindowLayout
 from .ops import BACKENDS, multiscale_window_attention
 
-__all__ = ["MultiScaleResampler", "ResamplerBlock", "check_device"]
+__all__ = ["MultiScaleResampler", "ResamplerBlock", "check_device", "shape_implied_fields"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -472,7 +472,7 @@ def _read_saved(directory: Path) -> tuple[CoSConfig, dict[str, torch.Tensor], Pa
         raise ValueError(f"{weights} holds weights for {saved_layout} but {config_path} describes {config.layout}")
     recorded = _metadata_entry(metadata, "config", weights,
                                lambda text: CoSConfig.from_json_text(text, "the entry"))
-    implied = _shape_implied_fields(state)
+    implied = shape_implied_fields(state)
     if recorded is not None:
         implied.update({f: (getattr(recorded, f), "as recorded in their 'config' metadata")
                         for f in _WEIGHT_FIELDS if f not in implied})
@@ -506,7 +506,7 @@ def _layout_from_metadata(text: str) -> WindowLayout:
     return WindowLayout.from_spec(spec)
 
 
-def _shape_implied_fields(state: dict[str, torch.Tensor]) -> dict[str, tuple[object, str]]:
+def shape_implied_fields(state: dict[str, torch.Tensor]) -> dict[str, tuple[object, str]]:
     """What a resampler state dict's names and shapes imply of its config: field name (hidden_dim
     standing for mlp_ratio) -> (value, where it is read). Entries whose tensors are missing or of too
     few dimensions are left out (_check_state reports those)."""

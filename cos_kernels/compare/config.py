@@ -6,7 +6,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from ..config_io import DictConfig
 from ..config_io import option as _opt
 from ..mllm.config import MODEL_PRESETS, PROJECTOR_BRIDGES

@@ -9,6 +9,7 @@ from safetensors import SafetensorError, safe_open
 
 from ..config import CoSConfig
 from ..mllm.config import MLLMConfig
+from ..resampler import shape_implied_fields
 from .checkpoint import MANIFEST, TRAINER, WEIGHTS, checkpoints_root, read_configs, resolve_checkpoint
 
 __all__ = ["read_bridge"]
@@ -43,8 +44,8 @@ def read_bridge(path: str | Path) -> tuple[CoSConfig, dict[str, torch.Tensor], P
     needed = ("levels.0.0.to_k.weight", "proj_out.weight")
     if any(k not in state for k in needed):
         raise ValueError(f"{weights} holds no resampler bridge (no {_PREFIX}{needed[0]} or {_PREFIX}{needed[1]})")
-    vision_dim, llm_dim = state[needed[0]].shape[1], state[needed[1]].shape[0]
-    num_levels = len({k.split(".")[1] for k in state if k.startswith("levels.")})
+    implied = shape_implied_fields(state)
+    vision_dim, llm_dim, num_levels = (implied[field][0] for field in ("vision_dim", "llm_dim", "num_levels"))
     return model_config.resampler_config(vision_dim, llm_dim, num_levels), state, weights
 
 
