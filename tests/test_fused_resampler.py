@@ -17,12 +17,26 @@ from oracle import random_layout, seeded_rng
 
 
 def assert_rel_close(got, want, name, rtol=1e-5):
-    """max |got - want| <= rtol * max |want| (fp32: the two paths only round differently)."""
+    """max |got - want| <= rtol * max |want|, for one fp32 product against its float64 loop."""
     err, size = (got - want).abs().max().item(), want.abs().max().item()
     assert err <= rtol * size, f"{name}: max error {err:.3e} > {rtol:.0e} x max {size:.3e}"
 
 
-def fused_and_plain(config):
+def assert_as_close(got, plain, want, name, atol=1e-5):
+    """The fused path's fp32 error against the float64 reference is at most twice the plain path's
+    fp32 error, plus atol x max |want|: the two fp32 paths round differently, and which of them lands
+    nearer float64 varies from case to case (a narrow width with LayerNorms amplifies either)."""
+    size = want.abs().max().item()
+    err = (got.double() - want).abs().max().item()
+    plain_err = (plain.double() - want).abs().max().item()
+    bound = 2 * plain_err + atol * size
+    assert err <= bound, (
+        f"{name}: fused error {err:.3e} > 2 x plain error {plain_err:.3e} + {atol:.0e} x max {size:.3e}"
+    )
+
+
+def fused_plain_and_reference(config):
+    """The fused and plain fp32 modules and a float64 copy of the plain one, all with one set of weights."""
     fused = MultiScaleResampler(config, backend="torch", fused=True)
     with torch.no_grad():
         for p in fused.parameters():  # non-trivial norms and biases too; matrices keep the init's scale
@@ -32,24 +46,25 @@ def fused_and_plain(config):
                 p.copy_(torch.randn_like(p) * 0.2)
     plain = MultiScaleResampler(config, backend="torch", fused=False)
     plain.load_state_dict(fused.state_dict())
-    return fused, plain
+    reference = MultiScaleResampler(config, backend="torch", fused=False).double()
+    reference.load_state_dict(fused.state_dict())
+    return fused, plain, reference
 
 
 def check_same_function(config, batch):
-    fused, plain = fused_and_plain(config)
+    modules = fused_plain_and_reference(config)
     gh, gw = config.grid
-    feats = [torch.randn(batch, gh * gw + 1, config.vision_dim) for _ in range(config.num_levels)]
-    feats_f = [f.clone().requires_grad_(True) for f in feats]
-    feats_p = [f.clone().requires_grad_(True) for f in feats]
-    out_f, out_p = fused(feats_f), plain(feats_p)
-    assert_rel_close(out_f, out_p, "output")
-    grad = torch.randn_like(out_p)
-    out_f.backward(grad)
-    out_p.backward(grad)
-    for (name, pf), pp in zip(fused.named_parameters(), plain.parameters()):
-        assert_rel_close(pf.grad, pp.grad, f"grad of {name}")
-    for i, (a, b) in enumerate(zip(feats_f, feats_p)):
-        assert_rel_close(a.grad[:, 1:], b.grad[:, 1:], f"grad of features[{i}]")
+    feats = [torch.randn(batch, gh * gw + 1, config.vision_dim, dtype=torch.float64) for _ in range(config.num_levels)]
+    inputs = [[f.to(m.proj_out.weight.dtype).requires_grad_(True) for f in feats] for m in modules]
+    outs = [m(x) for m, x in zip(modules, inputs)]
+    assert_as_close(*outs, "output")
+    grad = torch.randn_like(outs[2])
+    for out in outs:
+        out.backward(grad.to(out.dtype))
+    for (name, pf), pp, pr in zip(*(m.named_parameters() if i == 0 else m.parameters() for i, m in enumerate(modules))):
+        assert_as_close(pf.grad, pp.grad, pr.grad, f"grad of {name}")
+    for i, (a, b, c) in enumerate(zip(*inputs)):
+        assert_as_close(a.grad[:, 1:], b.grad[:, 1:], c.grad[:, 1:], f"grad of features[{i}]")
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
