@@ -35,22 +35,9 @@ from cos_kernels.train.distributed import DistEnv
 from cos_kernels.train.warmup import warm_up_llm
 
 from test_data import write_llava_folder
-from test_faults import _env, tiny
+from test_faults import _copy_run, _env, saved_run, tiny  # noqa: F401  (saved_run: a fixture)
 
 CPU = DistEnv("none", 0, 1, torch.device("cpu"))
-
-
-@pytest.fixture(scope="module")
-def four_steps(tmp_path_factory):
-    """A 4-step run checkpointed at every step, keeping all four: its run directory."""
-    config = tiny(tmp_path_factory.mktemp("integrity"), save_every=1, keep_checkpoints=4)
-    Trainer(config).fit()
-    return Path(config.out_dir)
-
-
-def _copy(run: Path, tmp_path: Path) -> Path:
-    shutil.copytree(run, tmp_path / "copy")
-    return tmp_path / "copy"
 
 
 def _resume(run: Path, tmp_path: Path, resume: str, log=None, **overrides) -> Trainer:
@@ -84,8 +71,8 @@ def _damage(path: Path, how: str) -> None:
 # ---- content hashes ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["model.safetensors", "trainer.pt"])
 @pytest.mark.parametrize("how", ["flipped", "truncated"])
-def test_damaged_latest_is_skipped_under_auto_and_refused_when_named(four_steps, tmp_path, name, how):
-    run = _copy(four_steps, tmp_path)
+def test_damaged_latest_is_skipped_under_auto_and_refused_when_named(saved_run, tmp_path, name, how):
+    run = _copy_run(saved_run, tmp_path)
     target = run / "checkpoints" / "step-0000004" / name
     _damage(target, how)
     if how == "flipped":  # still a loadable file: only the content hash tells
@@ -101,8 +88,8 @@ def test_damaged_latest_is_skipped_under_auto_and_refused_when_named(four_steps,
         _resume(run, tmp_path, str(target.parent))
 
 
-def test_from_pretrained_of_a_damaged_checkpoint_names_the_file(four_steps, tmp_path):
-    run = _copy(four_steps, tmp_path)
+def test_from_pretrained_of_a_damaged_checkpoint_names_the_file(saved_run, tmp_path):
+    run = _copy_run(saved_run, tmp_path)
     weights = run / "checkpoints" / "step-0000004" / "model.safetensors"
     _damage(weights, "flipped")
     for path in (run, weights.parent):
@@ -110,8 +97,8 @@ def test_from_pretrained_of_a_damaged_checkpoint_names_the_file(four_steps, tmp_
             MultiScaleResampler.from_pretrained(path)
 
 
-def test_manifest_records_hashes_and_old_size_only_manifests_still_load(four_steps, tmp_path):
-    run = _copy(four_steps, tmp_path)
+def test_manifest_records_hashes_and_old_size_only_manifests_still_load(saved_run, tmp_path):
+    run = _copy_run(saved_run, tmp_path)
     last = run / "checkpoints" / "step-0000004"
     manifest = json.loads((last / "manifest.json").read_text())
     assert set(manifest) == {"model.safetensors", "trainer.pt"}
@@ -139,8 +126,8 @@ def _full_state(last: Path) -> dict:
     (lambda full: {**full, "step": "6", "rng": None}, r"its step is a str; its rng is a NoneType"),
     (lambda full: [1, 2], None),
 ], ids=["only-step", "wrong-types", "a-list"])
-def test_trainer_state_of_another_schema_is_refused(four_steps, tmp_path, make, said):
-    run = _copy(four_steps, tmp_path)
+def test_trainer_state_of_another_schema_is_refused(saved_run, tmp_path, make, said):
+    run = _copy_run(saved_run, tmp_path)
     last = run / "checkpoints" / "step-0000004"
     assert set(_full_state(last)) == set(TRAINER_STATE)  # what save_checkpoint writes
     torch.save(make(_full_state(last)), last / "trainer.pt")
@@ -156,8 +143,8 @@ def test_trainer_state_of_another_schema_is_refused(four_steps, tmp_path, make, 
 
 
 @pytest.mark.parametrize("section", ["model", "train", "frozen_checksums", "relative_paths"])
-def test_config_sections_that_are_not_objects_are_named(four_steps, tmp_path, section):
-    run = _copy(four_steps, tmp_path)
+def test_config_sections_that_are_not_objects_are_named(saved_run, tmp_path, section):
+    run = _copy_run(saved_run, tmp_path)
     last = run / "checkpoints" / "step-0000004"
     configs = json.loads((last / "config.json").read_text())
     configs[section] = ["a", "list"]
@@ -170,8 +157,8 @@ def test_config_sections_that_are_not_objects_are_named(four_steps, tmp_path, se
 
 # ---- what resume / init_from name -------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["trainer.pt", "model.safetensors", "config.json", "manifest.json"])
-def test_a_file_of_a_checkpoint_names_its_directory(four_steps, name):
-    last = four_steps / "checkpoints" / "step-0000004"
+def test_a_file_of_a_checkpoint_names_its_directory(saved_run, name):
+    last = saved_run[1] / "checkpoints" / "step-0000004"
     with pytest.raises(ValueError, match=re.escape(
             f"resume '{last / name}' is a file of the checkpoint {last}; point resume at the checkpoint "
             f"directory {last} (or the run directory)")):
@@ -186,8 +173,8 @@ def test_another_file_is_refused(tmp_path):
         resolve_checkpoint(str(other), what="init_from")
 
 
-def test_an_empty_path_is_refused_not_taken_for_the_current_directory(four_steps, tmp_path, monkeypatch):
-    shutil.copytree(four_steps / "checkpoints", tmp_path / "checkpoints")
+def test_an_empty_path_is_refused_not_taken_for_the_current_directory(saved_run, tmp_path, monkeypatch):
+    shutil.copytree(saved_run[1] / "checkpoints", tmp_path / "checkpoints")
     monkeypatch.chdir(tmp_path)  # '' would be the current directory, here a run directory
     with pytest.raises(ValueError, match=re.escape("init_from='' is empty: give a checkpoint directory, a run "
                                                    "directory or its checkpoints/ directory")):
@@ -198,8 +185,8 @@ def test_an_empty_path_is_refused_not_taken_for_the_current_directory(four_steps
 
 
 # ---- notices: nothing silently ignored ---------------------------------------------------------------
-def test_a_resume_already_past_the_steps_says_nothing_is_trained(four_steps, tmp_path):
-    run = _copy(four_steps, tmp_path)
+def test_a_resume_already_past_the_steps_says_nothing_is_trained(saved_run, tmp_path):
+    run = _copy_run(saved_run, tmp_path)
     last = run / "checkpoints" / "step-0000004"
     before = {p.name: p.read_bytes() for p in last.iterdir()}
     lines = []
