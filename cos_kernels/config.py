@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config_io import DictConfig
-from .layout import WindowLayout, _pair, _positive_int
+from .layout import WindowLayout
+from .validation import check_bool, pair, positive_int
 
 __all__ = ["CoSConfig", "PRESETS"]
 
@@ -53,12 +54,8 @@ class CoSConfig(DictConfig):
         self.check_positive_ints("patch_size", "vision_dim", "dim", "num_heads", "llm_dim", "num_levels")
         self.check_positive_reals("mlp_ratio", "norm_eps", "init_std")
         for name in ("drop_cls", "concat_levels"):
-            value = getattr(self, name)
-            if not isinstance(value, bool):
-                raise TypeError(
-                    f"CoSConfig.{name} must be a bool (True or False), got {value!r} ({type(value).__name__})"
-                )
-        self.grid = _pair(self.grid, "CoSConfig.grid")
+            check_bool(getattr(self, name), f"CoSConfig.{name}")
+        self.grid = pair(self.grid, "CoSConfig.grid")
         for name in ("windows", "queries"):
             value = getattr(self, name)
             if not isinstance(value, (list, tuple)):
@@ -67,8 +64,8 @@ class CoSConfig(DictConfig):
                     f"({type(value).__name__})"
                 )
         self.windows = [_window(w, f"CoSConfig.windows[{s}]") for s, w in enumerate(self.windows)]
-        self.queries = [_positive_int(n, f"CoSConfig.queries[{s}]") for s, n in enumerate(self.queries)]
-        self.layout  # validates windows and queries against the grid
+        self.queries = [positive_int(n, f"CoSConfig.queries[{s}]") for s, n in enumerate(self.queries)]
+        WindowLayout(self.grid, self.windows, self.queries)  # raises unless they fit the grid
         if self.dim % self.num_heads:
             raise ValueError(
                 f"CoSConfig.dim = {self.dim} must be divisible by num_heads = {self.num_heads}"
@@ -170,8 +167,8 @@ class CoSConfig(DictConfig):
 def _window(value, what: str) -> int | list[int]:
     """A window side as stored in the config: an int (square) or a list [wh, ww]."""
     if isinstance(value, (list, tuple)):
-        return list(_pair(value, what))
-    return _positive_int(value, what)
+        return list(pair(value, what))
+    return positive_int(value, what)
 
 
 PRESETS: dict[str, dict] = {

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import numbers
+
+from .validation import one_of, positive_int, positive_real
 
 
 def option(default, help: str, **kw):
@@ -35,23 +36,14 @@ class DictConfig:
         return json.dumps(self.to_dict(), indent=2)
 
     def check_positive_ints(self, *names: str) -> None:
-        """Each of ``names`` a positive integer (numbers.Integral, not bool; stored back as an int)."""
-        self._check_positive(names, numbers.Integral, int, "a positive integer")
+        """Each of ``names`` a positive integer (validation.positive_int; stored back as an int)."""
+        for name in names:
+            setattr(self, name, positive_int(getattr(self, name), f"{type(self).__name__}.{name}"))
 
     def check_positive_reals(self, *names: str) -> None:
-        """Each of ``names`` a finite number > 0 (numbers.Real, not bool; stored back as a float)."""
-        self._check_positive(names, numbers.Real, float, "a finite number > 0")
-
-    def _check_positive(self, names, kind, cast, expected: str) -> None:
-        """TypeError naming the field for a wrong type, ValueError for a value not finite and > 0."""
+        """Each of ``names`` a finite number > 0 (validation.positive_real; stored back as a float)."""
         for name in names:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, kind):
-                raise TypeError(f"{type(self).__name__}.{name} must be {expected}, got {value!r} "
-                                f"({type(value).__name__})")
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{type(self).__name__}.{name} must be {expected}, got {value!r}")
-            setattr(self, name, cast(value))
+            setattr(self, name, positive_real(getattr(self, name), f"{type(self).__name__}.{name}"))
 
     def check_types(self) -> None:
         """TypeError naming the field unless each field's value has its annotated type (int, float, str,
@@ -81,8 +73,8 @@ class DictConfig:
                     isinstance(v, item) and not isinstance(v, bool) for v in value)
             if ok:
                 choices = f.metadata.get("choices")
-                if choices and value not in choices:
-                    raise ValueError(f"{type(self).__name__}.{f.name} must be one of {list(choices)}, got {value!r}")
+                if choices:
+                    one_of(value, choices, f"{type(self).__name__}.{f.name}", kind=object)
                 return
         expected = {"bool": "True or False", "int": "an integer", "float": "a number", "str": "a string",
                     "list": f"a non-empty list of {getattr(f.metadata.get('type'), '__name__', '')}s"}[kinds[0]]

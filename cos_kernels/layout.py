@@ -5,76 +5,30 @@ tiles the grid without overlap, plus the scale's total number of learnable queri
 over its windows. Queries are ordered scale 0 first; inside a scale, windows in raster order over the
 window grid; each window's queries contiguous.
 
-Pure geometry (plain Python) plus the integer index tables a kernel needs, built once per device.
+Pure geometry, in plain Python: each fused backend builds its own tile tables from it.
 """
 
 from __future__ import annotations
 
 import functools
 import numbers
-from dataclasses import dataclass
 from typing import Sequence
 
-import torch
+from .validation import pair, positive_int
 
-__all__ = ["WindowLayout", "LayoutTables", "MAX_TABLE_SIZE"]
+__all__ = ["WindowLayout", "MAX_TABLE_SIZE"]
 
 MAX_TABLE_SIZE = 2**24
-"""Bound on a layout's patches, total windows and total queries: its index tables are int32, and
-building them stays fast."""
-
-
-def _positive_int(value, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{what} must be a positive integer, got {value!r} ({type(value).__name__})")
-    if value <= 0:
-        raise ValueError(f"{what} must be a positive integer, got {value}")
-    return int(value)
+"""Bound on a layout's patches, total windows and total queries: the fused backends' tile tables hold
+them as int32, and building those tables stays fast."""
 
 
 def _check_size(what: str, value: int, detail: str) -> None:
     if value > MAX_TABLE_SIZE:
         raise ValueError(
-            f"{what} = {value} ({detail}) exceeds the bound {MAX_TABLE_SIZE} (2**24) of a layout's "
-            f"int32 index tables"
+            f"{what} = {value} ({detail}) exceeds the bound {MAX_TABLE_SIZE} (2**24) of the kernels' "
+            f"int32 tile tables"
         )
-
-
-def _pair(value, what: str) -> tuple[int, int]:
-    """An int (square) or a sequence of two ints -> (h, w)."""
-    if isinstance(value, (list, tuple)):
-        if len(value) != 2:
-            raise ValueError(f"{what} must be an int or a pair (h, w), got {value!r}")
-        return _positive_int(value[0], f"{what}[0]"), _positive_int(value[1], f"{what}[1]")
-    return (_positive_int(value, what),) * 2
-
-
-@dataclass(frozen=True)
-class LayoutTables:
-    """Integer index tables of a layout, on one device (all int32 unless said otherwise).
-
-    Windows are numbered globally: scale 0's windows first, each scale in raster order.
-
-    query_scale:    (Q,)  scale of each query
-    query_window:   (Q,)  global window id of each query
-    window_scale:   (W,)  scale of each window
-    window_row0:    (W,)  first patch row of each window
-    window_col0:    (W,)  first patch column of each window
-    window_height:  (W,)  patch rows of each window
-    window_width:   (W,)  patch columns of each window
-    window_q_start: (W,)  index of each window's first query
-    window_q_count: (W,)  queries of each window
-    """
-
-    query_scale: torch.Tensor
-    query_window: torch.Tensor
-    window_scale: torch.Tensor
-    window_row0: torch.Tensor
-    window_col0: torch.Tensor
-    window_height: torch.Tensor
-    window_width: torch.Tensor
-    window_q_start: torch.Tensor
-    window_q_count: torch.Tensor
 
 
 class WindowLayout:
@@ -86,14 +40,14 @@ class WindowLayout:
         queries: per scale, the total number of queries; divisible by the scale's number of windows.
 
     The number of patches, the total windows and the total queries are each at most MAX_TABLE_SIZE
-    (2**24): the index tables are int32.
+    (2**24): the kernels' tile tables hold them as int32.
 
     Example: ``WindowLayout(16, [16, 4], [16, 64])`` is one 16x16 window with 16 queries plus sixteen
     4x4 windows with 4 queries each: 80 queries.
     """
 
     def __init__(self, grid, windows: Sequence, queries: Sequence[int]):
-        self.grid = _pair(grid, "grid")
+        self.grid = pair(grid, "grid")
         if not isinstance(windows, (list, tuple)) or not isinstance(queries, (list, tuple)):
             raise TypeError(
                 f"windows and queries must be lists (one entry per scale), got "
@@ -109,10 +63,10 @@ class WindowLayout:
         gh, gw = self.grid
         _check_size("num_patches", gh * gw, f"grid {self.grid}")
         self.windows: tuple[tuple[int, int], ...] = tuple(
-            _pair(w, f"windows[{s}]") for s, w in enumerate(windows)
+            pair(w, f"windows[{s}]") for s, w in enumerate(windows)
         )
         self.queries: tuple[int, ...] = tuple(
-            _positive_int(n, f"queries[{s}]") for s, n in enumerate(queries)
+            positive_int(n, f"queries[{s}]") for s, n in enumerate(queries)
         )
         for s, (wh, ww) in enumerate(self.windows):
             if gh % wh or gw % ww:
@@ -129,7 +83,6 @@ class WindowLayout:
                     f"queries[{s}] = {n} is not divisible by the scale's {nw} windows "
                     f"(window {self.windows[s]} on grid {self.grid})"
                 )
-        self._tables: dict[torch.device, LayoutTables] = {}
 
     # ---- arithmetic -------------------------------------------------------------------------
     @property
@@ -217,49 +170,6 @@ class WindowLayout:
         wins = [w[0] if w[0] == w[1] else list(w) for w in self.windows]
         grid = self.grid[0] if self.grid[0] == self.grid[1] else list(self.grid)
         return f"WindowLayout(grid={grid}, windows={wins}, queries={list(self.queries)})"
-
-    # ---- index tables -----------------------------------------------------------------------
-    def tables(self, device="cpu") -> LayoutTables:
-        """The index tables on ``device``, built on first use and cached per device."""
-        device = torch.device(device)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        if device not in self._tables:
-            self._tables[device] = self._build_tables(device)
-        return self._tables[device]
-
-    def _build_tables(self, device: torch.device) -> LayoutTables:
-        """Every window at once, W = total_windows: per-scale constants gathered by each window's
-        scale, its raster index inside the scale giving its position; queries by repeat_interleave.
-        Built on the CPU in int64 (whatever the default device), then moved as int32."""
-
-        def cpu(values):  # ints -> int64 CPU tensor
-            return torch.tensor(values, dtype=torch.int64, device="cpu")
-
-        W = self.total_windows
-        window = torch.arange(W, device="cpu")  # global window ids
-        scale = torch.repeat_interleave(cpu(range(self.num_scales)), cpu(self.windows_per_scale))
-
-        def per_window(values):  # one value per scale -> (W,), each window's scale's value
-            return cpu(values)[scale]
-
-        local = window - per_window(self.window_offsets[:-1])
-        height, width = per_window([h for h, _ in self.windows]), per_window([w for _, w in self.windows])
-        ncols = per_window([c for _, c in self.window_grids])
-        q_count = per_window(self.queries_per_window)
-        query_window = torch.repeat_interleave(window, q_count)
-        cols = dict(
-            query_scale=scale[query_window],
-            query_window=query_window,
-            window_scale=scale,
-            window_row0=local // ncols * height,
-            window_col0=local % ncols * width,
-            window_height=height,
-            window_width=width,
-            window_q_start=per_window(self.query_offsets[:-1]) + local * q_count,
-            window_q_count=q_count,
-        )
-        return LayoutTables(**{k: v.to(device=device, dtype=torch.int32) for k, v in cols.items()})
 
 
 @functools.lru_cache(maxsize=256)

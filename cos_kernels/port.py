@@ -51,6 +51,7 @@ import torch
 
 from .atomic_io import atomic_file, atomic_text
 from .config import CoSConfig
+from .validation import positive_int
 from .resampler import (MultiScaleResampler, check_bool, check_device, check_finite, check_materialised, first_few,
                         read_safetensors)
 
@@ -166,12 +167,7 @@ def config_to_port(config: CoSConfig, feature_levels) -> dict:
 
 
 def _port_int(port_config: Mapping, key: str) -> int:
-    value = _port_value(port_config, key)
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"port config: {key} must be a positive integer, got {value!r} ({type(value).__name__})")
-    if value <= 0:
-        raise ValueError(f"port config: {key} must be a positive integer, got {value}")
-    return int(value)
+    return positive_int(_port_value(port_config, key), f"port config: {key}")
 
 
 def _port_int_list(port_config: Mapping, key: str, positive: bool = True) -> list[int]:

@@ -16,6 +16,7 @@ import signal
 import sys
 from pathlib import Path
 
+from ..validation import positive_int
 from .config import COMPARE_PRESETS, CompareConfig, check_cuda
 
 __all__ = ["main", "build_parser"]
@@ -68,9 +69,7 @@ def _run(config: CompareConfig, threads: int | None, device_source: str) -> int:
     from .run import run_all
 
     if threads is not None:
-        if threads <= 0:
-            raise ValueError(f"--threads must be a positive integer, got {threads}")
-        torch.set_num_threads(threads)
+        torch.set_num_threads(positive_int(threads, "--threads"))
     check_cuda(config.device, device_source)
     hf_logging.disable_progress_bar()
     log = tqdm.write

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -30,6 +29,7 @@ from ..mllm import MLLMConfig
 from ..mllm.synthetic import BACKGROUNDS, COLOURS, SHAPES, label_maps, make_scene, render_scene
 from ..mllm.vision import build_vit, normalise
 from ..train.trainer import cosine_with_warmup
+from ..validation import positive_int, positive_real
 
 __all__ = ["TowerRecipe", "pretrain_tower", "patch_targets", "TOWER_SEED"]
 
@@ -52,15 +52,14 @@ class TowerRecipe:
     resolutions: tuple[int, ...] = (64, 128)
 
     def __post_init__(self):
-        for name in ("steps", "batch"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"TowerRecipe.{name} must be a positive integer, got {value!r}")
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"TowerRecipe.lr must be a finite number > 0, got {self.lr!r}")
-        if not self.resolutions or any(isinstance(r, bool) or not isinstance(r, int) or r <= 0
-                                       for r in self.resolutions):
-            raise ValueError(f"TowerRecipe.resolutions must be positive integers, got {self.resolutions!r}")
+        for name in ("steps", "batch"):  # frozen: checked, not converted
+            positive_int(getattr(self, name), f"TowerRecipe.{name}")
+        positive_real(self.lr, "TowerRecipe.lr")
+        if not isinstance(self.resolutions, (list, tuple)) or not self.resolutions:
+            raise ValueError(f"TowerRecipe.resolutions must be a non-empty tuple of positive integers, "
+                             f"got {self.resolutions!r}")
+        for i, r in enumerate(self.resolutions):
+            positive_int(r, f"TowerRecipe.resolutions[{i}]")
 
 
 def patch_targets(scenes, size: int, patch: int) -> dict[str, torch.Tensor]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..validation import positive_int
 from .model import IGNORE_INDEX
 
 __all__ = ["CaptionCollator"]
@@ -19,9 +20,8 @@ class CaptionCollator:
     """
 
     def __init__(self, tokenizer, max_caption_tokens: int = 256):
-        if isinstance(max_caption_tokens, bool) or not isinstance(max_caption_tokens, int) or max_caption_tokens < 1:
-            raise ValueError(f"max_caption_tokens must be a positive integer, got {max_caption_tokens!r}")
-        self.tokenizer, self.max_caption_tokens = tokenizer, max_caption_tokens
+        self.tokenizer = tokenizer
+        self.max_caption_tokens = positive_int(max_caption_tokens, "max_caption_tokens")
 
     def __call__(self, items: list[dict]) -> dict:
         tok = self.tokenizer

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..validation import positive_int
+
 __all__ = ["FIELDS", "Scene", "SyntheticCaptions", "label_maps", "make_scene", "render_scene"]
 
 BACKGROUNDS = {"black": (0.05, 0.05, 0.05), "gray": (0.5, 0.5, 0.5), "white": (0.95, 0.95, 0.95)}
@@ -127,10 +129,9 @@ class SyntheticCaptions(Dataset):
     in [0, 1], caption str, id str, skipped list of ids that could not be loaded (always empty here))."""
 
     def __init__(self, num_samples: int, image_size: int, seed: int = 0):
-        for name, value in (("num_samples", num_samples), ("image_size", image_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        self.num_samples, self.image_size, self.seed = num_samples, image_size, seed
+        self.num_samples = positive_int(num_samples, "num_samples")
+        self.image_size = positive_int(image_size, "image_size")
+        self.seed = seed
 
     def __len__(self) -> int:
         return self.num_samples

@@ -10,12 +10,11 @@ Backends:
 from __future__ import annotations
 
 import importlib
-import math
-import numbers
 
 import torch
 
 from ..layout import WindowLayout
+from ..validation import one_of, positive_real
 from . import reference
 from .registry import get_kernel, registered_kernels
 
@@ -26,15 +25,9 @@ _FUSED_MODULES: dict[str, str] = {"cuda": ".cuda_backend", "triton": ".triton_ba
 BACKENDS = ("auto", "torch", *_FUSED_MODULES)
 
 # backend="auto": the fused backends per dtype, most preferred first (the first that can run wins,
-# torch after them). It follows the last GPU run that timed both side by side: its kernel table's
-# forward+backward medians at the presets (benchmarks.gpu_summary.fused_order, in that run's
-# SUMMARY.md). No GPU run has timed them yet, so the order is reasoned, not measured: cuda first in
-# every dtype. fp16 / bf16: both run 16-row tensor-core tiles over K/V read in place, with the same
-# tiling of windows; the CUDA kernels launch from C++ with a plan cached per layout (the Triton
-# launch does its argument work in Python on every call, which counts at the resampler's per-call
-# sizes) and stage K/V in explicitly double-buffered cp.async chunks (csrc/README.md predicts their
-# times). fp32: both are exact (CUDA cores; Triton's "ieee" dots); one order for every dtype until
-# a measurement says otherwise.
+# torch after them). It follows the last GPU run that timed both side by side (its kernel table's
+# forward+backward medians at the presets: benchmarks.gpu_summary.fused_order, in that run's
+# SUMMARY.md); benchmarks/NOTES.md says which run set it and why.
 AUTO_ORDER: dict[torch.dtype, tuple[str, ...]] = {
     torch.float32: ("cuda", "triton"),
     torch.float16: ("cuda", "triton"),
@@ -76,8 +69,7 @@ def available_backends(device="cpu", dtype: torch.dtype | None = None) -> list[s
 def resolve_backend(backend: str, device, dtype: torch.dtype | None = None) -> str:
     """The concrete backend ``backend`` stands for on ``device`` (for inputs of ``dtype``: "auto"
     follows AUTO_ORDER); raises if it cannot run there."""
-    if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+    one_of(backend, BACKENDS, "backend")
     device = torch.device(device)
     if backend == "auto":
         if device.type != "cuda":
@@ -120,17 +112,8 @@ def _check_inputs(q, k, v, layout, softmax_scale) -> None:
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device} and {v.device}")
     if softmax_scale is not None:
-        if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real):
-            raise TypeError(
-                f"softmax_scale must be a real number (float) or None, got {softmax_scale!r} "
-                f"({type(softmax_scale).__name__})"
-            )
-        scale = float(softmax_scale)
-        if not (math.isfinite(scale) and 0 < scale <= MAX_SOFTMAX_SCALE):
-            raise ValueError(
-                f"softmax_scale must be a positive finite number <= {MAX_SOFTMAX_SCALE:g} (the kernels "
-                f"scale logits in float32), got {softmax_scale!r}"
-            )
+        positive_real(softmax_scale, "softmax_scale", at_most=MAX_SOFTMAX_SCALE,
+                      note="(the kernels scale logits in float32)", type_expected="a real number (float) or None")
 
 
 def _autocast_inputs(q, k, v):
