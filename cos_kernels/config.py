@@ -16,19 +16,26 @@ __all__ = ["CoSConfig", "PRESETS"]
 
 @dataclass
 class CoSConfig(DictConfig):
-    """Hyper-parameters of a MultiScaleResampler.
+    """Hyper-parameters of a MultiScaleResampler (see PRESETS for the paper's).
 
-    grid: the ViT's patch grid, an int or (GH, GW); image side = grid * patch_size pixels.
-    windows / queries: per scale, the window side (int or (wh, ww)) and total queries (WindowLayout).
-    vision_dim: width C of the ViT features; dim: the resampler's width; llm_dim: the output width.
-    num_levels: feature levels consumed in sequence (one block per level and scale).
-    drop_cls: accept features with a leading CLS token (N + 1 tokens) and drop it.
-    concat_levels: also accept the levels as one tensor, side by side on the channel axis
-      (B, N, num_levels * vision_dim): LLaVA's form for a list vision_feature_layer.
-    mlp_ratio: hidden width of each block's MLP over dim; norm_eps: the LayerNorms' epsilon (1e-5,
-      nn.LayerNorm's default and the public port's; checkpoints store theirs);
-    init_std: the std of the normal initialisation, cut at +-2 absolute (timm's trunc_normal_
-      bounds: at std 0.02 nothing is cut in practice).
+    Args:
+        grid: the ViT's patch grid, an int or (GH, GW); the image side is grid * patch_size pixels.
+        windows: per scale, the window side, an int or (wh, ww), each dividing the grid's.
+        queries: per scale, the total number of learnable queries, a multiple of its windows.
+        patch_size: the ViT's patch side in pixels.
+        vision_dim: width C of the ViT features, which arrive as (B, N, C) per level.
+        dim: the resampler's width, split into num_heads heads of dim // num_heads.
+        num_heads: attention heads; must divide dim.
+        mlp_ratio: each block's MLP hidden width over dim (hidden_dim = int(dim * mlp_ratio)).
+        llm_dim: the output width, the LLM's hidden size: the output is (B, num_tokens, llm_dim).
+        num_levels: feature levels consumed in sequence (one block per level and scale).
+        drop_cls: accept features with a leading CLS token (N + 1 tokens) and drop it.
+        concat_levels: also accept the levels as one tensor, side by side on the channel axis,
+            (B, N, num_levels * vision_dim): LLaVA's form for a list vision_feature_layer.
+        norm_eps: the LayerNorms' epsilon (1e-5, nn.LayerNorm's default and the public port's;
+            checkpoints store theirs).
+        init_std: the std of the normal initialisation, cut at +-2 absolute (timm's trunc_normal_
+            bounds: at std 0.02 nothing is cut in practice).
 
     Integers are numbers.Integral (not bool) > 0, stored as int; mlp_ratio, norm_eps and init_std
     finite numbers.Real > 0, stored as float; windows and queries lists or tuples, one entry per
@@ -182,3 +189,5 @@ PRESETS: dict[str, dict] = {
     "resampler-80": dict(grid=16, windows=[16], queries=[80]),
     "resampler-336": dict(grid=16, windows=[16], queries=[336]),
 }
+"""Named configs: preset name -> the CoSConfig fields it sets (the rest keep their defaults).
+``CoSConfig.from_preset(name, **overrides)`` builds one; the number in a name is its visual tokens."""

@@ -40,7 +40,13 @@ class WindowLayout:
         queries: per scale, the total number of queries; divisible by the scale's number of windows.
 
     The number of patches, the total windows and the total queries are each at most MAX_TABLE_SIZE
-    (2**24): the kernels' tile tables hold them as int32.
+    (2**24): the kernels' tile tables hold them as int32. A bad argument raises TypeError or
+    ValueError naming it.
+
+    Attributes:
+        grid: (GH, GW); windows: per scale (wh, ww); queries: per scale n_s (tuples of ints).
+        The properties derive the rest: num_scales S, num_patches N = GH * GW, total_queries Q,
+        windows_per_scale, queries_per_window, query_offsets and window_offsets.
 
     Example: ``WindowLayout(16, [16, 4], [16, 64])`` is one 16x16 window with 16 queries plus sixteen
     4x4 windows with 4 queries each: 80 queries.

@@ -73,6 +73,7 @@ PORT_EPS = 1e-5
 PORT_PREFIX = "model.mm_projector."
 """The projector's key prefix in a LLaVA checkpoint (and in its mm_projector.bin)."""
 PORT_WEIGHTS_NAME = "mm_projector.bin"
+"""The name LLaVA gives the projector's weights file."""
 PORT_CONFIG_NAME = "port_config.json"
 """save_port_checkpoint writes the port config under this name beside the weights."""
 
@@ -84,15 +85,23 @@ _REQUIRED_KEYS = ("cos_tokens_per_side", "cos_window_sizes", "cos_n_query", "cos
 
 # ---- configs ------------------------------------------------------------------------------------
 def config_from_port(port_config: Mapping, *, patch_size: int = 14) -> tuple[CoSConfig, list[int]]:
-    """The CoSConfig of a port config, and its feature levels (cos_seq_feat_levels, in order).
+    """The CoSConfig a port config describes.
 
-    Keys other than the cos_* ones and llm_dim are ignored, so a LLaVA model config holding the
-    cos_* keys is accepted; where it also holds ``mm_projector_type``, ``mm_hidden_size`` or
-    ``hidden_size``, they must agree ("chain-of-sight", cos_context_dim, llm_dim).
+    Args:
+        port_config: the cos_* keys and llm_dim. Other keys are ignored, so a LLaVA model config
+            holding the cos_* keys is accepted; where it also holds ``mm_projector_type``,
+            ``mm_hidden_size`` or ``hidden_size``, they must agree ("chain-of-sight",
+            cos_context_dim, llm_dim).
+        patch_size: the ViT's patch side (a port config does not record it).
 
-    A port config whose scales repeat a (window side, queries) pair, or whose levels repeat an
-    index, is refused: the port names those parameters alike, so they would be one shared set.
-    A missing key raises ValueError, a wrongly typed one TypeError, each naming the key.
+    Returns:
+        (config, feature_levels): the CoSConfig, and the hidden_states indices it consumes, one per
+        level, in order (cos_seq_feat_levels).
+
+    Raises:
+        ValueError for a missing key, TypeError for a wrongly typed one, each naming the key; also
+        ValueError where scales repeat a (window side, queries) pair or levels repeat an index (the
+        port names those parameters alike, so they would be one shared set).
     """
     if not isinstance(port_config, Mapping):
         raise TypeError(f"port_config must be a dict of the cos_* keys, got {type(port_config).__name__}")
@@ -127,15 +136,22 @@ def config_from_port(port_config: Mapping, *, patch_size: int = 14) -> tuple[CoS
 
 
 def config_to_port(config: CoSConfig, feature_levels) -> dict:
-    """The port config (the cos_* keys and llm_dim) of ``config``, consuming ``feature_levels``
-    (hidden_states indices, one per level, in order). cos_feat_levels, unused by the port's module,
-    is written as the last level once per scale, as the port's own configs do.
+    """The port config of a CoSConfig (config_from_port's inverse).
 
-    Refused (ValueError) where the port cannot express the config: num_heads != dim // 64,
-    mlp_ratio != 4, norm_eps != 1e-5 (use dataclasses.replace(config, norm_eps=1e-5) if that small
-    change of function is acceptable), a non-square grid or window, scales repeating a (window side,
-    queries) pair, or feature_levels not num_levels distinct ints. patch_size and drop_cls are not
-    part of a port config (the port drops a CLS token when present).
+    Args:
+        config: the CoSConfig; patch_size and drop_cls are not part of a port config (the port
+            drops a CLS token when present).
+        feature_levels: hidden_states indices, one per level, in order (num_levels distinct ints).
+
+    Returns:
+        A dict of the cos_* keys and llm_dim. cos_feat_levels, unused by the port's module, is the
+        last level once per scale, as the port's own configs have it.
+
+    Raises:
+        ValueError where the port cannot express the config: num_heads != dim // 64,
+        mlp_ratio != 4, norm_eps != 1e-5 (use dataclasses.replace(config, norm_eps=1e-5) if that
+        small change of function is acceptable), a non-square grid or window, scales repeating a
+        (window side, queries) pair, or feature_levels not num_levels distinct ints.
     """
     if not isinstance(config, CoSConfig):
         raise TypeError(f"config must be a CoSConfig, got {type(config).__name__}")
@@ -276,16 +292,22 @@ def _expected_port_shapes(config: CoSConfig, levels: list[int]) -> dict[str, tup
 
 # ---- state dicts --------------------------------------------------------------------------------
 def state_dict_from_port(state: Mapping[str, torch.Tensor], port_config: Mapping) -> dict[str, torch.Tensor]:
-    """A port state dict in MultiScaleResampler's names (tensors: views of the given ones, their
-    dtype and device kept).
+    """A port state dict in MultiScaleResampler's names.
 
-    Keys: where no key contains "mm_projector", every key is a bare port name (the projector's own
-    state dict). Otherwise ``state`` is taken for a LLaVA checkpoint, as LLaVA's loader takes it:
-    keys without "mm_projector" (vision tower, LLM) are ignored, and each other key's port name is
-    what follows its first "mm_projector.".
+    Args:
+        state: name -> tensor. Where no key contains "mm_projector", every key is a bare port name
+            (the projector's own state dict). Otherwise it is taken for a LLaVA checkpoint, as
+            LLaVA's loader takes it: keys without "mm_projector" (vision tower, LLM) are ignored,
+            and each other key's port name is what follows its first "mm_projector.".
+        port_config: the port config the weights were trained under (config_from_port).
 
-    A projector key that does not map, a missing one, a name given twice (under two prefixes) or a
-    shape other than the port config's raises ValueError listing the first few offending keys.
+    Returns:
+        MultiScaleResampler state-dict names -> tensors: views of the given ones, their dtype and
+        device kept (a port to_kv (2 dim, vision_dim) gives to_k and to_v, (dim, vision_dim) each).
+
+    Raises:
+        ValueError listing the first few offending keys for a projector key that does not map, a
+        missing one, a name given twice (under two prefixes) or a shape other than the config's.
     """
     config, levels = config_from_port(port_config)
     if not isinstance(state, Mapping):
@@ -317,10 +339,17 @@ def state_dict_from_port(state: Mapping[str, torch.Tensor], port_config: Mapping
 
 def state_dict_to_port(resampler: MultiScaleResampler, feature_levels,
                        prefix: str = PORT_PREFIX) -> dict[str, torch.Tensor]:
-    """The resampler's parameters in the port's names, each key ``prefix`` + port name (prefix ""
-    for the projector's own state dict). Tensors: new, contiguous, detached, on the resampler's
-    device and in its dtype; cls tokens (1, nq, dim), to_kv (2 dim, vision_dim) = [to_k; to_v].
-    The resampler's config must be one the port can express (config_to_port)."""
+    """The resampler's parameters in the port's names (state_dict_from_port's inverse).
+
+    Args:
+        resampler: a MultiScaleResampler whose config the port can express (config_to_port).
+        feature_levels: hidden_states indices, one per level, in order.
+        prefix: put before every port name; "" gives the projector's own state dict.
+
+    Returns:
+        ``prefix`` + port name -> tensor: new, contiguous and detached, on the resampler's device
+        and in its dtype; cls tokens (1, nq, dim), to_kv (2 dim, vision_dim) = [to_k; to_v].
+    """
     if not isinstance(resampler, MultiScaleResampler):
         raise TypeError(f"resampler must be a MultiScaleResampler, got {type(resampler).__name__}")
     if not isinstance(prefix, str):
@@ -361,14 +390,20 @@ def load_port_checkpoint(path_or_state, port_config: Mapping, *, dtype: torch.dt
                          allow_nonfinite: bool = False) -> MultiScaleResampler:
     """A MultiScaleResampler holding a port checkpoint's weights (its own copies of them).
 
-    path_or_state: a state dict (see state_dict_from_port), or the path of one (str, bytes or
-    os.PathLike): ``.safetensors``, or ``.bin`` / ``.pt`` / ``.pth`` (torch.load, weights_only=True,
-    onto the CPU), such as LLaVA's mm_projector.bin or a whole LLaVA checkpoint shard holding every
-    mm_projector key.
-    dtype: the parameters' floating-point dtype (default: the checkpoint's cls tokens' dtype);
-    device: where they go (default: the CPU); backend, fused: as MultiScaleResampler takes them.
-    Projector tensors holding NaN or Inf are refused (ValueError naming them) unless allow_nonfinite.
-    Feature levels: config_from_port(port_config)[1].
+    Args:
+        path_or_state: a state dict (see state_dict_from_port), or the path of one (str, bytes or
+            os.PathLike): ``.safetensors``, or ``.bin`` / ``.pt`` / ``.pth`` (torch.load,
+            weights_only=True, onto the CPU), such as LLaVA's mm_projector.bin or a whole LLaVA
+            checkpoint shard holding every mm_projector key.
+        port_config: the port config the weights were trained under (config_from_port).
+        dtype: the parameters' floating-point dtype; None: the checkpoint's cls tokens' dtype.
+        device: where the parameters go; None: the CPU.
+        backend, fused: as MultiScaleResampler takes them.
+        allow_nonfinite: accept projector tensors holding NaN or Inf (refused by default, with a
+            ValueError naming them).
+
+    Returns:
+        The MultiScaleResampler; it consumes the levels config_from_port(port_config)[1].
     """
     check_bool(allow_nonfinite, "allow_nonfinite")
     check_device(device)  # before reading the file
@@ -389,10 +424,16 @@ def load_port_checkpoint(path_or_state, port_config: Mapping, *, dtype: torch.dt
 
 
 def save_port_checkpoint(resampler: MultiScaleResampler, path: str | os.PathLike, feature_levels) -> None:
-    """Write the port's form of ``resampler``: ``path`` (e.g. mm_projector.bin), torch.save of
-    state_dict_to_port (keys prefixed "model.mm_projector.", CPU tensors), and beside it
-    PORT_CONFIG_NAME, the port config (config_to_port) as JSON, to add to the port's COS_CONFIGS.
-    Each file is written atomically. A resampler whose weights are on the meta device is refused."""
+    """Write the port's form of a resampler, each file atomically.
+
+    Args:
+        resampler: a MultiScaleResampler the port can express (config_to_port), its weights
+            materialised (the meta device is refused).
+        path: the weights' file (e.g. mm_projector.bin): torch.save of state_dict_to_port, keys
+            prefixed "model.mm_projector.", CPU tensors. Beside it goes PORT_CONFIG_NAME, the port
+            config (config_to_port) as JSON, to add to the port's COS_CONFIGS.
+        feature_levels: hidden_states indices, one per level, in order.
+    """
     state = state_dict_to_port(resampler, feature_levels)
     check_materialised(resampler, "save")
     state = {k: v.cpu() for k, v in state.items()}

@@ -59,8 +59,16 @@ def _unavailable_reason(name: str, device: torch.device) -> str | None:
 
 
 def available_backends(device="cpu", dtype: torch.dtype | None = None) -> list[str]:
-    """Names of the backends that can run on ``device`` (besides "auto"), most preferred first for
-    ``dtype`` (AUTO_ORDER; bf16's order where dtype is None)."""
+    """The backends that can run on a device, most preferred first.
+
+    Args:
+        device: a torch.device or its name ("cpu", "cuda", "cuda:1").
+        dtype: the inputs' dtype, which picks the fused backends' order (AUTO_ORDER); None: bf16's.
+
+    Returns:
+        Backend names, e.g. ``["cuda", "triton", "torch"]`` on a GPU, ``["torch"]`` on a CPU:
+        the fused backends that load and can run there in AUTO_ORDER, then "torch" (never "auto").
+    """
     device = torch.device(device)
     order = AUTO_ORDER.get(dtype if dtype is not None else torch.bfloat16, tuple(_FUSED_MODULES))
     return [n for n in order if _unavailable_reason(n, device) is None] + ["torch"]
@@ -139,15 +147,30 @@ def multiscale_window_attention(
     softmax_scale: float | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Windowed cross-attention of every scale of ``layout`` at once.
+    """Windowed cross-attention of every scale of ``layout`` in one call.
 
-    q: (B, Q, H, D), Q = layout.total_queries, ordered scale by scale, windows in raster order,
-       each window's queries contiguous; H, D >= 1 (B = 0, an empty batch, gives an empty output).
-    k, v: (B, S, N, H, D), S = layout.num_scales, N = GH * GW patches in raster order; any strides.
-    Returns (B, Q, H, D) in q's dtype: each query attends, with softmax, over the K/V of its own
-    scale restricted to the patches of its own window. softmax_scale: a real number (Python or numpy
-    scalar) in (0, 1e6] (the kernels scale logits in float32), or None for D ** -0.5.
-    Under autocast, q, k, v of mixed dtypes are first cast to the autocast dtype.
+    Each query attends, with softmax, over the keys and values of its own scale restricted to the
+    patches of its own window.
+
+    Args:
+        q: (B, Q, H, D) queries, Q = layout.total_queries, ordered scale by scale, windows in
+            raster order, each window's queries contiguous; H, D >= 1. B = 0 (an empty batch)
+            gives an empty output.
+        k, v: (B, S, N, H, D), S = layout.num_scales, N = GH * GW patches in raster order; any
+            strides. q, k and v share one floating dtype and one device; under autocast, mixed
+            dtypes are first cast to the autocast dtype.
+        layout: the WindowLayout giving the grid, the windows and the queries of every scale.
+        softmax_scale: a real number (Python or numpy scalar) in (0, 1e6] (the kernels scale the
+            logits in float32); None: D ** -0.5.
+        backend: "auto" (the first of AUTO_ORDER that can run on q's device, "torch" off CUDA),
+            "torch", "triton" or "cuda".
+
+    Returns:
+        (B, Q, H, D) in q's dtype, differentiable with respect to q, k and v on every backend.
+
+    Raises:
+        TypeError / ValueError naming the argument for inputs outside this contract; RuntimeError
+        where the chosen backend cannot run on the device.
     """
     q, k, v = _autocast_inputs(q, k, v)
     _check_inputs(q, k, v, layout, softmax_scale)
