@@ -6,7 +6,7 @@ import dataclasses
 import json
 import numbers
 
-from .validation import one_of, positive_int, positive_real
+from .validation import is_integer, one_of, positive_int, positive_real
 
 
 def option(default, help: str, **kw):
@@ -63,7 +63,7 @@ class DictConfig:
             if kind == "bool":
                 ok = isinstance(value, bool)
             elif kind == "int":
-                ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+                ok = is_integer(value)
             elif kind == "float":
                 ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
             elif kind == "str":

@@ -11,10 +11,9 @@ Pure geometry, in plain Python: each fused backend builds its own tile tables fr
 from __future__ import annotations
 
 import functools
-import numbers
 from typing import Sequence
 
-from .validation import pair, positive_int
+from .validation import is_integer, pair, positive_int
 
 __all__ = ["WindowLayout", "MAX_TABLE_SIZE"]
 
@@ -160,7 +159,7 @@ class WindowLayout:
         """The layout of ``to_spec``'s flat integers (ints only: 16.0 or 16.7 is refused)."""
         spec = tuple(spec)
         for i, x in enumerate(spec):
-            if isinstance(x, bool) or not isinstance(x, numbers.Integral):
+            if not is_integer(x):
                 raise TypeError(
                     f"layout spec[{i}] must be an integer, got {x!r} ({type(x).__name__}) in spec {spec!r}"
                 )

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import numbers
 import os
 import sys
 from collections.abc import Mapping
@@ -51,9 +50,16 @@ import torch
 
 from .atomic_io import atomic_file, atomic_text
 from .config import CoSConfig
-from .validation import positive_int
-from .resampler import (MultiScaleResampler, check_bool, check_device, check_finite, check_materialised, first_few,
-                        read_safetensors)
+from .resampler import (
+    MultiScaleResampler,
+    check_bool,
+    check_device,
+    check_finite,
+    check_materialised,
+    first_few,
+    read_safetensors,
+)
+from .validation import is_integer, positive_int
 
 __all__ = [
     "config_from_port",
@@ -190,7 +196,7 @@ def _port_int_list(port_config: Mapping, key: str, positive: bool = True) -> lis
     value = _port_value(port_config, key)
     expected = f"a non-empty list of {'positive ' if positive else ''}integers"
     if (not isinstance(value, (list, tuple)) or not value
-            or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in value)):
+            or not all(map(is_integer, value))):
         raise TypeError(f"port config: {key} must be {expected}, got {value!r}")
     if positive and min(value) <= 0:
         raise ValueError(f"port config: {key} must be {expected}, got {list(value)}")
@@ -221,7 +227,7 @@ def _check_unique(what: str, items: list) -> None:
 def _feature_levels(feature_levels, num_levels: int) -> list[int]:
     """feature_levels as a list of num_levels distinct ints."""
     if (not isinstance(feature_levels, (list, tuple))
-            or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in feature_levels)):
+            or not all(map(is_integer, feature_levels))):
         raise TypeError(f"feature_levels must be a list of ints (ViT hidden_states indices), got {feature_levels!r}")
     if len(feature_levels) != num_levels:
         raise ValueError(f"feature_levels must name one hidden_states index per level ({num_levels}), "

@@ -11,16 +11,21 @@ import math
 import numbers
 from typing import Sequence
 
-__all__ = ["positive_int", "pair", "positive_real", "one_of", "check_bool"]
+__all__ = ["is_integer", "positive_int", "pair", "positive_real", "one_of", "check_bool"]
 
 
 def _type_name(value) -> str:
     return type(value).__name__
 
 
+def is_integer(value) -> bool:
+    """Whether ``value`` is an integer: a numbers.Integral (numpy's included), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def positive_int(value, what: str) -> int:
-    """``value`` a numbers.Integral (not bool) > 0, returned as an int."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    """``value`` an integer (is_integer) > 0, returned as an int."""
+    if not is_integer(value):
         raise TypeError(f"{what} must be a positive integer, got {value!r} ({_type_name(value)})")
     if value <= 0:
         raise ValueError(f"{what} must be a positive integer, got {value!r}")
