@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 
 import torch
-
 from oracle import assert_within_eager_error, random_qkv, reference_attention, seeded_rng
 
 from cos_kernels import PRESETS, MultiScaleResampler, WindowLayout, multiscale_window_attention

@@ -7,7 +7,6 @@ import shutil
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from cos_kernels.compare.cli import build_parser, config_from_args, main
 from cos_kernels.compare.config import CompareConfig

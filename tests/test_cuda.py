@@ -26,7 +26,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from kernel_cases import (
     ALL_DTYPES,
     ATOL,

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from kernel_cases import (
     ALL_DTYPES,
     ATOL,

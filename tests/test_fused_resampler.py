@@ -9,12 +9,12 @@ from collections import Counter
 import pytest
 import torch
 import torch.nn.functional as F
+from oracle import assert_within_eager_error, random_layout, seeded_rng
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import cos_kernels.grouped_linear as gl
 from cos_kernels import PRESETS, CoSConfig, MultiScaleResampler
 from cos_kernels.grouped_linear import grouped_linear
-from oracle import assert_within_eager_error, random_layout, seeded_rng
 
 
 def assert_rel_close(got, want, name, rtol=1e-5):

@@ -1,12 +1,12 @@
 """WindowLayout: arithmetic, spec round trip, size bounds and every input error."""
 
-import pytest
-
 import time
+
+import pytest
+from oracle import random_layout, seeded_rng
 
 from cos_kernels import WindowLayout
 from cos_kernels.layout import MAX_TABLE_SIZE
-from oracle import random_layout, seeded_rng
 
 
 def test_cos80_arithmetic():

@@ -5,10 +5,10 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
+from oracle import random_layout, random_qkv, reference_attention, seeded_rng
 
 from cos_kernels import WindowLayout, multiscale_window_attention
 from cos_kernels.ops import resolve_backend
-from oracle import random_layout, random_qkv, reference_attention, seeded_rng
 
 
 @pytest.mark.parametrize("case", range(6))
@@ -59,16 +59,16 @@ def _inputs():
 @pytest.mark.parametrize(
     "mutate, error, match",
     [
-        (lambda q, k, v, l: (q[0], k, v, l), ValueError, r"q must have shape \(B, Q, H, D\), got \(6, 2, 8\)"),
-        (lambda q, k, v, l: (q[:, :5], k, v, l), ValueError, r"q has 5 queries .* has 6"),
-        (lambda q, k, v, l: (q, k[:, :1], v, l), ValueError, r"k must have shape \(B, S, N, H, D\) = \(2, 2, 16, 2, 8\)"),
-        (lambda q, k, v, l: (q, k, v[..., :4], l), ValueError, r"v must have shape .* got \(2, 2, 16, 2, 4\)"),
-        (lambda q, k, v, l: (q, k[:1], v[:1], l), ValueError, r"k must have shape"),
-        (lambda q, k, v, l: (q, k.half(), v, l), TypeError, "share one dtype"),
-        (lambda q, k, v, l: (q.long(), k, v, l), TypeError, "q must be a floating-point tensor"),
-        (lambda q, k, v, l: (q, k, v.numpy(), l), TypeError, "v must be a torch.Tensor"),
-        (lambda q, k, v, l: (q, k, v, (4, [4, 2], [2, 4])), TypeError, "layout must be a cos_kernels.WindowLayout"),
-        (lambda q, k, v, l: (q, k, v, WindowLayout(4, [4, 4, 4], [2, 2, 2])), ValueError, r"k must have shape \(B, S, N, H, D\) = \(2, 3, 16"),
+        (lambda q, k, v, lay: (q[0], k, v, lay), ValueError, r"q must have shape \(B, Q, H, D\), got \(6, 2, 8\)"),
+        (lambda q, k, v, lay: (q[:, :5], k, v, lay), ValueError, r"q has 5 queries .* has 6"),
+        (lambda q, k, v, lay: (q, k[:, :1], v, lay), ValueError, r"k must have shape \(B, S, N, H, D\) = \(2, 2, 16, 2, 8\)"),
+        (lambda q, k, v, lay: (q, k, v[..., :4], lay), ValueError, r"v must have shape .* got \(2, 2, 16, 2, 4\)"),
+        (lambda q, k, v, lay: (q, k[:1], v[:1], lay), ValueError, r"k must have shape"),
+        (lambda q, k, v, lay: (q, k.half(), v, lay), TypeError, "share one dtype"),
+        (lambda q, k, v, lay: (q.long(), k, v, lay), TypeError, "q must be a floating-point tensor"),
+        (lambda q, k, v, lay: (q, k, v.numpy(), lay), TypeError, "v must be a torch.Tensor"),
+        (lambda q, k, v, lay: (q, k, v, (4, [4, 2], [2, 4])), TypeError, "layout must be a cos_kernels.WindowLayout"),
+        (lambda q, k, v, lay: (q, k, v, WindowLayout(4, [4, 4, 4], [2, 2, 2])), ValueError, r"k must have shape \(B, S, N, H, D\) = \(2, 3, 16"),
     ],
 )
 def test_bad_inputs(mutate, error, match):

@@ -61,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(config: CompareConfig, threads: int | None, device_source: str) -> int:
     import torch
-    from transformers.utils import logging as hf_logging
     from tqdm import tqdm
+    from transformers.utils import logging as hf_logging
 
     from ..train.trainer import NonFiniteLossError, TrainingStopped
     from .report import write_report
