@@ -9,25 +9,19 @@ fp32 x the three kernels; launches that compile to the same binary (a preset's l
 through launch_config's block sizes) are compiled once and list all their presets.
 tests/test_sm90_compile.py compiles a subset in CI.
 
-Each launch is the backend's own (``triton_launch.build_launches``) for the resampler's typical call:
-q a batch-broadcast (stride-0) view of (1, Q, H, D), K and V strided views of one fused
-(B, N, S, 2, H * D) projection, outputs contiguous; on the "meta" device they cost no memory, yet
-carry the strides and (16-byte aligned) pointers a real call has. Triton's own JIT binder specialises
-each (stride-1 ints become constexprs, pointers and ints divisible by 16 get ``tt.divisibility``),
-then ``triton.compile`` of the ``ASTSource`` for ``GPUTarget("cuda", 90, 32)`` (sm_90: H100, H200)
-runs with the launch's num_warps / num_stages. ptxas (the one Triton bundles) prints its resource
-usage when TRITON_DUMP_PTXAS_LOG=1; registers and spills are read from that log, shared memory from
-the compiled kernel's metadata. No GPU is touched.
+Each launch is the backend's own (``triton_launch.build_launches``) for the resampler's typical call
+(``typical_inputs``), its tensors on the "meta" device: no memory, yet the strides and (16-byte
+aligned) pointers of a real call. Triton's own JIT binder specialises it (stride-1 ints become
+constexprs, pointers and ints divisible by 16 get ``tt.divisibility``); ``triton.compile`` of the
+``ASTSource`` for ``GPUTarget("cuda", 90, 32)`` (sm_90: H100, H200) prints ptxas' resource usage
+under TRITON_DUMP_PTXAS_LOG=1 (registers, spills); shared memory comes from the kernel's metadata.
 
-The kernels must be real ``triton.jit`` functions, so compiles cannot run in a process where
-TRITON_INTERPRET=1 was set before triton was imported (as tests/conftest.py does on CPU).
-``compile_cases`` therefore compiles in a fresh ``python scripts/compile_table.py --worker`` process,
-with TRITON_INTERPRET removed and a fresh, temporary TRITON_CACHE_DIR: every kernel is really
-compiled (ptxas runs, so its log exists, and compile times are honest) and the user's cache is
-neither read nor filled.
-
-Written against the binder API of Triton 3.6 .. 3.9 (``create_function_from_signature``,
-``JITFunction._pack_args``); a Triton without it fails with a message saying so.
+Compiles need real ``triton.jit`` kernels, not the interpreter's (tests/conftest.py may set
+TRITON_INTERPRET=1), so ``compile_cases`` runs them in a fresh ``compile_table.py --worker`` process
+without TRITON_INTERPRET and with an empty, temporary TRITON_CACHE_DIR: every kernel is really
+compiled (ptxas runs and logs, compile times are honest) and the user's cache is neither read nor
+filled. Written against the binder API of Triton 3.6 .. 3.9 (``create_function_from_signature``,
+``JITFunction._pack_args``); another Triton fails with a message saying so.
 """
 
 from __future__ import annotations
@@ -91,19 +85,14 @@ def launches(layout: WindowLayout, q: torch.Tensor, k: torch.Tensor, v: torch.Te
 
 
 # ---- specialisation and compile (needs real triton.jit kernels) -----------------------------------
-def _jit_function(launch: Launch):
-    if type(launch.kernel).__name__ != "JITFunction":
-        raise RuntimeError(
-            f"the {launch.name} kernel is a {type(launch.kernel).__name__}, not a triton.jit function "
-            "(TRITON_INTERPRET was set when triton was imported); compile through compile_cases, which "
-            "uses a clean process"
-        )
-    return launch.kernel
-
-
 def _specialize(launch: Launch, backend):
     """(options, signature, constexprs, attrs) as the JIT derives them for ``launch``."""
-    fn = _jit_function(launch)
+    fn = launch.kernel
+    if type(fn).__name__ != "JITFunction":
+        raise RuntimeError(
+            f"the {launch.name} kernel is a {type(fn).__name__}, not a triton.jit function (TRITON_INTERPRET "
+            "was set when triton was imported); compile through compile_cases, which uses a clean process"
+        )
     try:
         from triton.runtime.jit import create_function_from_signature
         pack_args = fn._pack_args

@@ -35,7 +35,7 @@ from oracle import assert_within_eager_error, random_layout, random_qkv, referen
 pytest.importorskip("triton")
 
 from cos_kernels import PRESETS, CoSConfig, MultiScaleResampler, WindowLayout, multiscale_window_attention  # noqa: E402
-from cos_kernels.ops import available_backends, reference, resolve_backend, triton_launch  # noqa: E402
+from cos_kernels.ops import available_backends, reference, resolve_backend, triton_kernels, triton_launch  # noqa: E402
 from cos_kernels.ops import triton_backend as tb  # noqa: E402
 from cos_kernels.ops.triton_launch import launch_config  # noqa: E402
 from cos_kernels.ops.triton_tiles import KeyTileField, QueryTileField, key_tiles, query_tiles  # noqa: E402
@@ -190,6 +190,13 @@ def test_poison_shows_unwritten_outputs(monkeypatch):
     monkeypatch.setattr(triton_launch, "query_tiles", truncated)
     out, lse = tb.TRITON_KERNEL.forward(q, k, v, layout, 0.25)
     assert torch.isnan(out).any() and torch.isnan(lse).any()
+
+
+def test_kernels_read_the_named_tile_columns():
+    """The kernels' column constexprs (QT_*, KT_*) are the tile tables' fields, name by name."""
+    for prefix, fields in (("QT_", QueryTileField), ("KT_", KeyTileField)):
+        for field in fields:
+            assert getattr(triton_kernels, prefix + field.name).value == field, field
 
 
 def test_tile_tables_cover_every_query_and_key_once():

@@ -1,18 +1,12 @@
 """Triton kernels of the multi-scale windowed cross-attention: one forward, two backward launches.
 
-Every program works on one (tile, batch image, head). Tiles come from the int32 tables of
-``triton_tiles``, one row per tile, columns ``QueryTileField`` / ``KeyTileField``:
-
-Query tiles (forward, dQ) cover a contiguous run of queries of ONE scale: either several whole
-windows packed together (``BLOCK_M // qpw`` windows of ``qpw`` queries) or, for windows with more
-than ``BLOCK_M`` queries, a ``BLOCK_M``-row slice of one window. Their keys are the union of the
-tile's windows, enumerated as key slots j = local_window * P + patch_in_window (P = wh * ww) and
-visited ``BLOCK_N`` slots at a time; a score is kept only where the query's local window equals the
-key's (the in-tile window mask).
-
-Key tiles (dK, dV) cover ``BLOCK_N`` key slots of a group of consecutive windows of one scale
-(several small windows packed, or a ``BLOCK_N`` slice of one large window) and iterate over all the
-queries of those windows, ``BLOCK_M`` at a time.
+Every program works on one (tile, batch image, head); its tile is a row of the tables of
+``triton_tiles`` (columns ``QueryTileField`` / ``KeyTileField``). A query tile's keys (forward, dQ)
+are the union of its windows, enumerated as key slots j = local_window * P + patch_in_window
+(P = wh * ww) and visited ``BLOCK_N`` slots at a time; a score is kept only where the query's local
+window equals the key's (the in-tile window mask). A key tile (dK, dV) holds ``BLOCK_N`` key slots of
+consecutive windows of one scale and iterates over all the queries of those windows, ``BLOCK_M`` at a
+time.
 
 K and V are read in place through all five strides; every offset is formed in int64.
 Scores are kept in base 2: s2 = (q . k) * softmax_scale * log2(e); the saved logsumexp is natural.
@@ -25,29 +19,12 @@ import triton.language as tl
 
 from .triton_tiles import KeyTileField, QueryTileField
 
-# The tables' columns as constexprs: the only globals a kernel may read.
-QUERY_TILE_FIELDS = tl.constexpr(len(QueryTileField))  # a query tile's row stride
-QT_Q_START = tl.constexpr(int(QueryTileField.Q_START))
-QT_ROWS = tl.constexpr(int(QueryTileField.ROWS))
-QT_QPW = tl.constexpr(int(QueryTileField.QPW))
-QT_Q_PHASE = tl.constexpr(int(QueryTileField.Q_PHASE))
-QT_SCALE = tl.constexpr(int(QueryTileField.SCALE))
-QT_WH = tl.constexpr(int(QueryTileField.WH))
-QT_WW = tl.constexpr(int(QueryTileField.WW))
-QT_WIN_COLS = tl.constexpr(int(QueryTileField.WIN_COLS))
-QT_WIN0 = tl.constexpr(int(QueryTileField.WIN0))
-QT_NKEYS = tl.constexpr(int(QueryTileField.NKEYS))
-KEY_TILE_FIELDS = tl.constexpr(len(KeyTileField))  # a key tile's row stride
-KT_K_BEGIN = tl.constexpr(int(KeyTileField.K_BEGIN))
-KT_K_COUNT = tl.constexpr(int(KeyTileField.K_COUNT))
-KT_Q_START = tl.constexpr(int(KeyTileField.Q_START))
-KT_Q_TOTAL = tl.constexpr(int(KeyTileField.Q_TOTAL))
-KT_QPW = tl.constexpr(int(KeyTileField.QPW))
-KT_SCALE = tl.constexpr(int(KeyTileField.SCALE))
-KT_WH = tl.constexpr(int(KeyTileField.WH))
-KT_WW = tl.constexpr(int(KeyTileField.WW))
-KT_WIN_COLS = tl.constexpr(int(KeyTileField.WIN_COLS))
-KT_WIN0 = tl.constexpr(int(KeyTileField.WIN0))
+# The tables' columns as constexprs (the only globals a kernel may read), in the fields' order
+QUERY_TILE_FIELDS, KEY_TILE_FIELDS = tl.constexpr(len(QueryTileField)), tl.constexpr(len(KeyTileField))  # row strides
+QT_Q_START, QT_ROWS, QT_QPW, QT_Q_PHASE, QT_SCALE, QT_WH, QT_WW, QT_WIN_COLS, QT_WIN0, QT_NKEYS = (
+    tl.constexpr(int(field)) for field in QueryTileField)
+KT_K_BEGIN, KT_K_COUNT, KT_Q_START, KT_Q_TOTAL, KT_QPW, KT_SCALE, KT_WH, KT_WW, KT_WIN_COLS, KT_WIN0 = (
+    tl.constexpr(int(field)) for field in KeyTileField)
 
 
 @triton.jit

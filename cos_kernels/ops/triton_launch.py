@@ -40,12 +40,9 @@ KERNELS = {  # launch name -> its triton.jit function
 }
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
-def _clamp_pow2(n: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, _next_pow2(n)))
+def _pow2_at_least(n: int) -> int:
+    """The smallest power of two >= max(n, 16): a tl.dot dimension."""
+    return 1 << (max(16, int(n)) - 1).bit_length()
 
 
 @dataclass(frozen=True)
@@ -75,13 +72,13 @@ def launch_config(layout: WindowLayout, head_dim: int, dtype: torch.dtype) -> La
     fp32 (exact products: FMA dots, their operands spread over a warp's registers): BLOCK_M <= 32,
     32 key slots (16 above head dim 64), 16-query dK/dV steps, 8 warps, and no pipelining of the
     dK/dV query loop."""
-    block_d = _clamp_pow2(head_dim, 16, 1 << 30)
-    widest = max(layout.queries_per_window)
+    block_d = _pow2_at_least(head_dim)
+    widest = _pow2_at_least(max(layout.queries_per_window))
     if dtype == torch.float32:
-        block_m = _clamp_pow2(widest, 16, 32)
+        block_m = min(widest, 32)
         block_n = 32 if block_d <= 64 else 16
         return LaunchConfig(block_m, block_n, block_d, 16, num_warps=8, num_stages=2, num_stages_kv=1)
-    block_m = _clamp_pow2(widest, 16, 64)
+    block_m = min(widest, 64)
     block_n, block_m_kv, num_warps = 64, block_m, 4
     if block_d > 64:
         block_n, block_m_kv = 32, min(block_m, 32)
@@ -151,16 +148,8 @@ def _grid(tiles: torch.Tensor, num_bh: int) -> tuple[int]:
     return (n,)
 
 
-def build_launches(
-    layout: WindowLayout,
-    softmax_scale: float,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    backward: BackwardBuffers | None = None,
-) -> tuple[Launch, ...]:
+def build_launches(layout: WindowLayout, softmax_scale: float, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   out: torch.Tensor, lse: torch.Tensor, backward: BackwardBuffers | None = None) -> tuple[Launch, ...]:
     """The forward's launch (``backward`` None: it writes out and lse) or the backward's two, bwd_dq
     then bwd_dkdv, to be run in that order (it reads out and lse, writes ``backward``'s buffers).
 

@@ -1,8 +1,7 @@
-"""The triton backend's tile tables: which queries or keys each program of a launch covers.
+"""The triton backend's tile tables, in plain Python: which queries or keys each program covers.
 
-Both tables are int32 (num_tiles, fields) tensors; their columns are named by ``QueryTileField`` and
-``KeyTileField``, as csrc's ``enum TileField`` names the CUDA kernels'. Pure Python (no triton), so the
-geometry is testable anywhere.
+One int32 row per tile; the columns are named by ``QueryTileField`` and ``KeyTileField`` (as csrc's
+``enum TileField`` names the CUDA kernels'). triton_kernels.py says how the kernels walk a tile.
 """
 
 from __future__ import annotations
@@ -15,8 +14,7 @@ __all__ = ["QueryTileField", "KeyTileField", "query_tiles", "key_tiles"]
 
 
 class QueryTileField(IntEnum):
-    """Columns of a query tile (forward and dQ launches): a run of queries of ONE scale, either
-    several whole windows packed together or a slice of one window with more than BLOCK_M queries."""
+    """Columns of a query tile (forward and dQ launches): a run of queries of one scale."""
 
     Q_START = 0  # index of the tile's first query (row 0)
     ROWS = 1  # valid rows (<= BLOCK_M)
@@ -31,8 +29,7 @@ class QueryTileField(IntEnum):
 
 
 class KeyTileField(IntEnum):
-    """Columns of a key tile (dK/dV launch): BLOCK_N key slots of consecutive windows of one scale
-    (several small windows packed, or a slice of one large window), and the queries of those windows."""
+    """Columns of a key tile (dK/dV launch): key slots of consecutive windows of one scale."""
 
     K_BEGIN = 0  # first key slot (local window * WH * WW + patch in window)
     K_COUNT = 1  # valid key slots (<= BLOCK_N)
