@@ -10,7 +10,7 @@ Spill bounds, per thread:
 - fp16 / bf16 at head dim 64 (the presets'): nothing.
 - everything else: at most ``SPILL_BOUND`` = 32 bytes of spill stores and of spill loads: eight
   32-bit values, which stay in L1, so another ptxas may park a few values around a dot without
-  failing CI, while the configurations launch_config moved away from spilled more than that
+  failing CI, while all but one of the configurations launch_config moved away from spilled more
   (benchmarks/NOTES.md has their figures).
 """
 
