@@ -62,7 +62,7 @@ def launch_config(layout: WindowLayout, head_dim: int, dtype: torch.dtype) -> La
     """Block sizes and launch options for ``layout``, ``head_dim`` and ``dtype``: heuristics that keep
     every kernel from spilling registers on sm_90 (tests/test_sm90_compile.py holds them to it;
     benchmarks/COMPILE_SM90.md lists each kernel's registers, spills and shared memory, and
-    benchmarks/NOTES.md what the other configurations spilled), to be tuned against GPU timings.
+    benchmarks/NOTES.md what the other configurations spilled and whether GPU timings tuned them).
 
     fp16 / bf16 (tensor-core dots): BLOCK_M follows the largest window's query count (16..64), so
     4-16-query windows share a 16-row tile; 64 key slots per step, 4 warps, 3 stages; but
