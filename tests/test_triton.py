@@ -16,7 +16,6 @@ import textwrap
 
 import pytest
 import torch
-
 from kernel_cases import (
     ATOL,
     HAS_CUDA,
@@ -36,8 +35,10 @@ from oracle import assert_within_eager_error, random_layout, random_qkv, referen
 pytest.importorskip("triton")
 
 from cos_kernels import PRESETS, CoSConfig, MultiScaleResampler, WindowLayout, multiscale_window_attention  # noqa: E402
-from cos_kernels.ops import available_backends, reference, resolve_backend  # noqa: E402
+from cos_kernels.ops import available_backends, reference, resolve_backend, triton_kernels, triton_launch  # noqa: E402
 from cos_kernels.ops import triton_backend as tb  # noqa: E402
+from cos_kernels.ops.triton_launch import launch_config  # noqa: E402
+from cos_kernels.ops.triton_tiles import KeyTileField, QueryTileField, key_tiles, query_tiles  # noqa: E402
 
 INTERPRETED = tb._interpreted()
 
@@ -67,9 +68,9 @@ def poison_outputs():
 # ---- helpers ------------------------------------------------------------------------------------
 def num_programs(layout: WindowLayout, B: int, H: int, D: int, dtype: torch.dtype) -> int:
     """Programs of one forward + backward (three launches)."""
-    cfg = tb.launch_config(layout, D, dtype)
-    nq = len(tb.query_tiles(layout, cfg.block_m))
-    nk = len(tb.key_tiles(layout, cfg.block_n))
+    cfg = launch_config(layout, D, dtype)
+    nq = len(query_tiles(layout, cfg.block_m))
+    nk = len(key_tiles(layout, cfg.block_n))
     return (2 * nq + nk) * B * H
 
 
@@ -129,7 +130,7 @@ def test_windows_split_over_tiles(dtype):
     """Windows with more queries than a tile has rows (BLOCK_M 64; 32 in fp32) next to 1-query windows."""
     rng = seeded_rng()
     layout = WindowLayout((4, 4), [4, (1, 2)], [rng.randint(65, 150), 8])
-    assert tb.launch_config(layout, 16, dtype).block_m < max(layout.queries_per_window)
+    assert launch_config(layout, 16, dtype).block_m < max(layout.queries_per_window)
     interpreted_case(rng, layout, dtype, budget=200)
 
 
@@ -181,15 +182,21 @@ def test_poison_shows_unwritten_outputs(monkeypatch):
     """The poison hook works: drop the last query tile from the table and the forward leaves NaN."""
     layout = WindowLayout(4, [4, 2], [4, 8])
     q, k, v = random_qkv(layout, 1, 1, 16, torch.float32)
-    full = tb.query_tiles
 
     def truncated(lay, block_m):
-        return full(lay, block_m)[:-1]
+        return query_tiles(lay, block_m)[:-1]
 
-    monkeypatch.setattr(tb, "_TABLE_CACHE", {})
-    monkeypatch.setattr(tb, "query_tiles", truncated)
+    monkeypatch.setattr(triton_launch, "_PLANS", {})
+    monkeypatch.setattr(triton_launch, "query_tiles", truncated)
     out, lse = tb.TRITON_KERNEL.forward(q, k, v, layout, 0.25)
     assert torch.isnan(out).any() and torch.isnan(lse).any()
+
+
+def test_kernels_read_the_named_tile_columns():
+    """The kernels' column constexprs (QT_*, KT_*) are the tile tables' fields, name by name."""
+    for prefix, fields in (("QT_", QueryTileField), ("KT_", KeyTileField)):
+        for field in fields:
+            assert getattr(triton_kernels, prefix + field.name).value == field, field
 
 
 def test_tile_tables_cover_every_query_and_key_once():
@@ -199,21 +206,26 @@ def test_tile_tables_cover_every_query_and_key_once():
     layouts = [shrunk_preset(p, 1) for p in PRESETS] + [random_layout(rng, max_grid=16) for _ in range(20)]
     for layout in layouts:
         for D, dtype in itertools.product((16, 128), (torch.float16, torch.float32)):
-            cfg = tb.launch_config(layout, D, dtype)
+            cfg = launch_config(layout, D, dtype)
             for block in (cfg.block_m, cfg.block_n, cfg.block_d, cfg.block_m_kv):
                 assert block >= 16 and block & (block - 1) == 0
-            qt = tb.query_tiles(layout, cfg.block_m)
+            qt = query_tiles(layout, cfg.block_m)
             seen = torch.zeros(layout.total_queries, dtype=torch.int64)
-            for q_start, rows, qpw, phase, s, *_rest, nkeys in qt:
-                assert 1 <= rows <= cfg.block_m and qpw == layout.queries_per_window[s]
+            for t in qt:
+                q_start, rows, s = t[QueryTileField.Q_START], t[QueryTileField.ROWS], t[QueryTileField.SCALE]
+                assert 1 <= rows <= cfg.block_m and t[QueryTileField.QPW] == layout.queries_per_window[s]
                 seen[q_start : q_start + rows] += 1
                 assert layout.query_offsets[s] <= q_start and q_start + rows <= layout.query_offsets[s + 1]
             assert bool((seen == 1).all()), layout
-            assert [t[9] for t in qt] == sorted((t[9] for t in qt), reverse=True)
-            kt = tb.key_tiles(layout, cfg.block_n)
+            nkeys = [t[QueryTileField.NKEYS] for t in qt]
+            assert nkeys == sorted(nkeys, reverse=True)
+            kt = key_tiles(layout, cfg.block_n)
             keys = torch.zeros(layout.num_scales, layout.num_patches, dtype=torch.int64)
             gw = layout.grid[1]
-            for k_begin, k_count, q_start, q_total, qpw, s, wh, ww, win_cols, win0 in kt:
+            for t in kt:
+                k_begin, k_count, s = t[KeyTileField.K_BEGIN], t[KeyTileField.K_COUNT], t[KeyTileField.SCALE]
+                wh, ww, win_cols, win0 = (t[f] for f in (KeyTileField.WH, KeyTileField.WW, KeyTileField.WIN_COLS,
+                                                         KeyTileField.WIN0))
                 assert 1 <= k_count <= cfg.block_n
                 for j in range(k_begin, k_begin + k_count):
                     lw, pp = divmod(j, wh * ww)

@@ -1,32 +1,12 @@
 """Triton kernels of the multi-scale windowed cross-attention: one forward, two backward launches.
 
-Every program works on one (tile, batch image, head). Tiles come from tables built on the host
-(``triton_backend``), one row of ``TILE_FIELDS`` int32 per tile:
-
-Query tiles (forward, dQ) cover a contiguous run of queries of ONE scale: either several whole
-windows packed together (``BLOCK_M // qpw`` windows of ``qpw`` queries) or, for windows with more
-than ``BLOCK_M`` queries, a ``BLOCK_M``-row slice of one window. Their keys are the union of the
-tile's windows, enumerated as key slots j = local_window * P + patch_in_window (P = wh * ww) and
-visited ``BLOCK_N`` slots at a time; a score is kept only where the query's local window equals the
-key's (the in-tile window mask).
-
-    field: 0 q_start  1 rows  2 qpw  3 q_phase  4 scale  5 wh  6 ww  7 win_cols  8 win0  9 nkeys
-
-    q_start  index of the tile's first query (row 0)
-    rows     valid rows (<= BLOCK_M)
-    qpw      queries per window of the scale
-    q_phase  position of row 0 inside its window (0 for packed tiles)
-    scale    the scale s (K/V slice k[:, s])
-    wh, ww   window height and width in patches
-    win_cols windows per row of the scale's window grid
-    win0     raster index (inside the scale) of the tile's first window
-    nkeys    key slots of the tile: (number of windows) * wh * ww
-
-Key tiles (dK, dV) cover ``BLOCK_N`` key slots of a group of consecutive windows of one scale
-(several small windows packed, or a ``BLOCK_N`` slice of one large window) and iterate over all the
-queries of those windows, ``BLOCK_M`` at a time.
-
-    field: 0 k_begin  1 k_count  2 q_start  3 q_total  4 qpw  5 scale  6 wh  7 ww  8 win_cols  9 win0
+Every program works on one (tile, batch image, head); its tile is a row of the tables of
+``triton_tiles`` (columns ``QueryTileField`` / ``KeyTileField``). A query tile's keys (forward, dQ)
+are the union of its windows, enumerated as key slots j = local_window * P + patch_in_window
+(P = wh * ww) and visited ``BLOCK_N`` slots at a time; a score is kept only where the query's local
+window equals the key's (the in-tile window mask). A key tile (dK, dV) holds ``BLOCK_N`` key slots of
+consecutive windows of one scale and iterates over all the queries of those windows, ``BLOCK_M`` at a
+time.
 
 K and V are read in place through all five strides; every offset is formed in int64.
 Scores are kept in base 2: s2 = (q . k) * softmax_scale * log2(e); the saved logsumexp is natural.
@@ -37,7 +17,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-TILE_FIELDS = 10  # int32 columns of both tile tables (the kernels index rows with this stride)
+from .triton_tiles import KeyTileField, QueryTileField
+
+# The tables' columns as constexprs (the only globals a kernel may read), in the fields' order
+QUERY_TILE_FIELDS, KEY_TILE_FIELDS = tl.constexpr(len(QueryTileField)), tl.constexpr(len(KeyTileField))  # row strides
+QT_Q_START, QT_ROWS, QT_QPW, QT_Q_PHASE, QT_SCALE, QT_WH, QT_WW, QT_WIN_COLS, QT_WIN0, QT_NKEYS = (
+    tl.constexpr(int(field)) for field in QueryTileField)
+KT_K_BEGIN, KT_K_COUNT, KT_Q_START, KT_Q_TOTAL, KT_QPW, KT_SCALE, KT_WH, KT_WW, KT_WIN_COLS, KT_WIN0 = (
+    tl.constexpr(int(field)) for field in KeyTileField)
 
 
 @triton.jit
@@ -50,11 +37,9 @@ def _loop_end(n):
 if type(_loop_end).__name__ == "InterpretedFunction":  # TRITON_INTERPRET=1 when triton.jit ran
 
     def _loop_end(n):  # noqa: F811
-        """Interpreter: ``n`` as a Python int. Triton 3.6's interpreter holds every scalar (arguments,
-        program ids, loaded values) as a 1-element 1-d numpy array and turns a ``range`` bound into an
-        int with ``int(array)``, which NumPy >= 2.4 refuses ("only 0-dimensional arrays can be
-        converted to Python scalars"; fixed upstream in triton-lang/triton#9172). Call it inside the
-        ``range(...)``: the interpreter turns an assigned value back into a tensor."""
+        """Interpreter: ``n`` as a Python int, since the interpreter holds every scalar as a 1-element
+        array, which ``range`` cannot take on every NumPy (benchmarks/NOTES.md: which versions). Call
+        it inside the ``range(...)``: the interpreter turns an assigned value back into a tensor."""
         return n.handle.data.item()
 
 
@@ -90,17 +75,17 @@ def _query_tile_rows(TILES, tile, BLOCK_M: tl.constexpr):
     """Row ``tile`` of the query-tile table -> for each of the BLOCK_M rows its query index (int64),
     whether it is valid and its local window; then the keys' scale (int64), wh, ww, win_cols, win0
     and nkeys."""
-    t = TILES + tile * 10
-    q_start = tl.load(t + 0)
-    rows = tl.load(t + 1)
-    qpw = tl.load(t + 2)
-    q_phase = tl.load(t + 3)
-    s = tl.load(t + 4)
-    wh = tl.load(t + 5)
-    ww = tl.load(t + 6)
-    win_cols = tl.load(t + 7)
-    win0 = tl.load(t + 8)
-    nkeys = tl.load(t + 9)
+    t = TILES + tile * QUERY_TILE_FIELDS
+    q_start = tl.load(t + QT_Q_START)
+    rows = tl.load(t + QT_ROWS)
+    qpw = tl.load(t + QT_QPW)
+    q_phase = tl.load(t + QT_Q_PHASE)
+    s = tl.load(t + QT_SCALE)
+    wh = tl.load(t + QT_WH)
+    ww = tl.load(t + QT_WW)
+    win_cols = tl.load(t + QT_WIN_COLS)
+    win0 = tl.load(t + QT_WIN0)
+    nkeys = tl.load(t + QT_NKEYS)
     offs_m = tl.arange(0, BLOCK_M)
     qrow = (q_start + offs_m).to(tl.int64)
     row_ok = offs_m < rows
@@ -271,17 +256,17 @@ def window_attention_bwd_dkdv_kernel(
     windows and writes DK, DV (B, S, N, H, D), both with the strides of DK and unit stride on D.
     Reads DELTA written by launch 1. Grid: (num_key_tiles * B * H,), tile-major."""
     tile, bh, b64, h64 = _program(num_bh, num_heads)
-    t = KTILES + tile * 10
-    k_begin = tl.load(t + 0)
-    k_count = tl.load(t + 1)
-    q_start = tl.load(t + 2)
-    q_total = tl.load(t + 3)
-    qpw = tl.load(t + 4)
-    s = tl.load(t + 5)
-    wh = tl.load(t + 6)
-    ww = tl.load(t + 7)
-    win_cols = tl.load(t + 8)
-    win0 = tl.load(t + 9)
+    t = KTILES + tile * KEY_TILE_FIELDS
+    k_begin = tl.load(t + KT_K_BEGIN)
+    k_count = tl.load(t + KT_K_COUNT)
+    q_start = tl.load(t + KT_Q_START)
+    q_total = tl.load(t + KT_Q_TOTAL)
+    qpw = tl.load(t + KT_QPW)
+    s = tl.load(t + KT_SCALE)
+    wh = tl.load(t + KT_WH)
+    ww = tl.load(t + KT_WW)
+    win_cols = tl.load(t + KT_WIN_COLS)
+    win0 = tl.load(t + KT_WIN0)
     P = wh * ww
 
     offs_d = tl.arange(0, BLOCK_D)
@@ -334,7 +319,6 @@ def window_attention_bwd_dkdv_kernel(
 
 
 __all__ = [
-    "TILE_FIELDS",
     "window_attention_fwd_kernel",
     "window_attention_bwd_dq_kernel",
     "window_attention_bwd_dkdv_kernel",
