@@ -34,6 +34,7 @@ from oracle import assert_within_eager_error, random_layout, random_qkv, referen
 
 pytest.importorskip("triton")
 
+import cos_kernels.ops.custom_op  # noqa: E402, F401  (registers torch.ops.cos_kernels.*)
 from cos_kernels import PRESETS, CoSConfig, MultiScaleResampler, WindowLayout, multiscale_window_attention  # noqa: E402
 from cos_kernels.ops import available_backends, reference, resolve_backend, triton_kernels, triton_launch  # noqa: E402
 from cos_kernels.ops import triton_backend as tb  # noqa: E402
@@ -318,6 +319,19 @@ def test_bad_dtype_and_head_dims_raise():
         with pytest.raises(ValueError, match=f"D={D}"):
             tb.TRITON_KERNEL.forward(q, k, v, layout, 0.25)
 
+
+
+def test_direct_custom_op_calls_check_the_layout_contract():
+    """torch.ops.cos_kernels.* called directly (not through multiscale_window_attention) refuse q, k, v
+    that do not fit the layout before any kernel runs: the Triton kernels have no guard of their own."""
+    layout = WindowLayout(4, [4, 2], [2, 8])
+    q, k, v = random_qkv(layout, 2, 2, 16, torch.float32)
+    spec = list(layout.to_spec())
+    with pytest.raises(ValueError, match=r"k must have shape \(B, S, N, H, D\) = \(2, 2, 16, 2, 16\)"):
+        torch.ops.cos_kernels.window_attention_forward(q, k[:, :, :8], v, spec, 0.25, "triton")
+    with pytest.raises(ValueError, match=r"q has 5 queries"):
+        torch.ops.cos_kernels.window_attention_backward(q[:, :5], q[:, :5], k, v, q[:, :5], q.new_zeros(2, 2, 5),
+                                                        spec, 0.25, "triton")
 
 def test_cpu_without_interpreter_raises_clearly():
     """A fresh process without TRITON_INTERPRET (and without CUDA devices) refuses CPU tensors."""

@@ -90,7 +90,9 @@ def resolve_backend(backend: str, device, dtype: torch.dtype | None = None) -> s
     return backend
 
 
-def _check_inputs(q, k, v, layout, softmax_scale) -> None:
+def check_qkv(q, k, v, layout) -> None:
+    """The q, k, v contract of multiscale_window_attention against ``layout`` (its docstring), checked
+    by the dispatch and by the fused custom ops (direct torch.ops callers); raises naming the input."""
     if not isinstance(layout, WindowLayout):
         raise TypeError(f"layout must be a cos_kernels.WindowLayout, got {type(layout).__name__}")
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -119,9 +121,6 @@ def _check_inputs(q, k, v, layout, softmax_scale) -> None:
         raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype} and {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device} and {v.device}")
-    if softmax_scale is not None:
-        positive_real(softmax_scale, "softmax_scale", at_most=MAX_SOFTMAX_SCALE,
-                      note="(the kernels scale logits in float32)", type_expected="a real number (float) or None")
 
 
 def _autocast_inputs(q, k, v):
@@ -173,8 +172,12 @@ def multiscale_window_attention(
         where the chosen backend cannot run on the device.
     """
     q, k, v = _autocast_inputs(q, k, v)
-    _check_inputs(q, k, v, layout, softmax_scale)
-    scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
+    check_qkv(q, k, v, layout)
+    if softmax_scale is None:
+        scale = q.shape[-1] ** -0.5
+    else:
+        scale = positive_real(softmax_scale, "softmax_scale", at_most=MAX_SOFTMAX_SCALE,
+                              note="(the kernels scale logits in float32)", type_expected="a real number (float) or None")
     name = resolve_backend(backend, q.device, q.dtype)
     if name == "torch":
         return reference.window_attention(q, k, v, layout, scale)

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from ..layout import WindowLayout
+from . import check_qkv
 from .registry import get_kernel
 
 
@@ -16,6 +17,7 @@ def window_attention_forward(
 ) -> tuple[Tensor, Tensor]:
     """-> out (B, Q, H, D) in q's dtype, lse (B, H, Q) fp32."""
     layout = WindowLayout.from_spec(layout_spec)
+    check_qkv(q, k, v, layout)
     return get_kernel(backend).forward(q, k, v, layout, softmax_scale)
 
 
@@ -39,6 +41,7 @@ def window_attention_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """-> dq (B, Q, H, D), dk and dv (B, S, N, H, D)."""
     layout = WindowLayout.from_spec(layout_spec)
+    check_qkv(q, k, v, layout)
     return get_kernel(backend).backward(grad_out, q, k, v, out, lse, layout, softmax_scale)
 
 

@@ -83,7 +83,7 @@ class TritonWindowAttention:
 
     def _check(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """What is the Triton kernels' own: the device, the dtypes and head dims they are built for
-        (the q, k, v contract against the layout is the dispatch's, ops._check_inputs)."""
+        (the q, k, v contract against the layout is ops.check_qkv, which the custom ops run)."""
         reason = self.unavailable_reason(q.device)
         if reason is not None:
             raise RuntimeError(f"backend='triton' cannot run on {q.device}: {reason}")
