@@ -49,7 +49,10 @@ def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype) -> s
         if device.type != "cuda":
             return "compiled FlexAttention is benchmarked on a GPU only (its CPU path is not the peer)"
         try:
-            from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: F401
+            from torch.nn.attention.flex_attention import (  # noqa: F401
+                create_block_mask,
+                flex_attention,
+            )
         except ImportError as err:
             return f"torch.nn.attention.flex_attention unavailable ({err})"
         return None
