@@ -176,7 +176,8 @@ def e2e_cases(device: torch.device, model: str | None, batch: int | None,
 # ---- the GPU check's headline cases (headline.py) ---------------------------------------------------
 def headline_kernel_cases(dry: bool) -> list[KernelCase]:
     if dry:  # two cases, so that a group restarted after a crash has an item left
-        return [KernelCase("cos-80", 1, 2, 32, interpreted_ok=True), KernelCase("cos-80", 1, 1, 16, interpreted_ok=True)]
+        return [KernelCase("cos-80", 1, 2, 32, interpreted_ok=True),
+                KernelCase("cos-80", 1, 1, 16, interpreted_ok=True)]
     return [KernelCase("cos-80", 256, 16, 64), KernelCase("cos-1296", 64, 16, 64)]
 
 

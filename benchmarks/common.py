@@ -8,15 +8,20 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import subprocess
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from .device_timing import median_s
+from .gpu_results import row
 
 __all__ = [
-    "BACKEND_NAMES", "backend_skip_reason", "error_line", "cuda_context_error", "BenchEnv", "make_env", "peak_bytes", "peak_memory", "record",
-    "check_close", "DTYPES", "param_bytes", "count_matmul_flops", "rel_error", "set_group",
+    "BACKEND_NAMES", "backend_skip_reason", "error_line", "cuda_context_error", "BenchEnv", "make_env", "peak_bytes",
+    "peak_memory", "record", "timed_ms", "check_close", "DTYPES", "param_bytes", "count_matmul_flops", "rel_error",
+    "set_group",
 ]
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -101,8 +106,21 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def source_commit() -> str | None:
+    """The commit of the code that runs (``git describe --always --dirty``: short hash, "-dirty" with
+    uncommitted changes), None outside a git checkout."""
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=10"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
 def library_versions() -> dict:
-    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    """Python's, torch's, the optional libraries' (None where absent) and the CUDA version, and the
+    commit that made the numbers (source_commit)."""
+    versions = {"commit": source_commit(), "python": platform.python_version(), "torch": torch.__version__}
     for name in ("triton", "transformers", "flash_attn", "cos_kernels"):
         try:
             module = __import__(name)
@@ -157,6 +175,7 @@ class BenchEnv:
             "copy_GBps": None if self.copy_bytes_per_s is None else self.copy_bytes_per_s / 1e9,
             "copy_buffer_MiB": self.copy_buffer_bytes / 2**20,
             "session_started": self.started,
+            "command": "python -m pytest " + " ".join(sys.argv[1:]),
         }
 
     def matmul_peak(self) -> float:
@@ -250,7 +269,7 @@ def peak_memory(benchmark, env: BenchEnv, fn, setup=None) -> dict:
     """Peak memory of one call of fn(setup()) above what was allocated before it (setup excluded), by
     peak_bytes. Skipped (None) under --benchmark-disable."""
     if benchmark.disabled:
-        return {"peak_mem_bytes": None, "peak_mem_method": "not measured (--benchmark-disable)"}
+        return {"peak_mem_MiB": None, "peak_mem_method": "not measured (--benchmark-disable)"}
     state = setup() if setup is not None else None
     peak, total = peak_bytes(env, lambda: fn(state))
     if env.is_cuda:
@@ -259,28 +278,23 @@ def peak_memory(benchmark, env: BenchEnv, fn, setup=None) -> dict:
         method = "torch.profiler(profile_memory=True) allocation records, high-water mark above the allocations before the call"
     else:
         method = "unavailable (the profiler failed)"
-    return {"peak_mem_bytes": peak, "peak_mem_total_bytes": total, "peak_mem_method": method}
+    return {"peak_mem_MiB": None if peak is None else peak / 2**20,
+            "peak_mem_total_MiB": None if total is None else total / 2**20, "peak_mem_method": method}
 
 
 # ---- results --------------------------------------------------------------------------------------
-def record(benchmark, env: BenchEnv, stats, *, suite: str, case: str, impl: str, pass_: str,
-           bytes_floor: float | None = None, flops: float | None = None, **info) -> None:
-    """Fill benchmark.extra_info: identity, environment, floor bytes and FLOPs, and the rates they
-    give at the median time (None where nothing was timed)."""
-    median = None if stats is None else float(stats.median)
-    extra = benchmark.extra_info
-    extra.update(env.common_info())
-    extra.update(suite=suite, case=case, impl=impl, pass_=pass_,
-                 median_s=median, bytes_floor=bytes_floor, flops=flops)
-    gbps = tflops = frac = None
-    if median and bytes_floor:
-        gbps = bytes_floor / median / 1e9
-        if env.copy_bytes_per_s:
-            frac = bytes_floor / median / env.copy_bytes_per_s
-    if median and flops:
-        tflops = flops / median / 1e12
-    extra.update(achieved_GBps=gbps, copy_bw_fraction=frac, achieved_TFLOPs=tflops)
-    extra.update(info)
+def timed_ms(stats) -> dict:
+    """status, median_ms, min_ms, max_ms of pytest-benchmark's stats (seconds), for a row; "not
+    timed" under --benchmark-disable (stats None)."""
+    if stats is None:
+        return dict(status="not timed", median_ms=None, min_ms=None, max_ms=None)
+    return dict(status="ok", median_ms=stats.median * 1e3, min_ms=stats.min * 1e3, max_ms=stats.max * 1e3)
+
+
+def record(benchmark, env: BenchEnv, stage: str, columns: dict, **info) -> None:
+    """benchmark.extra_info: the environment, the stage's table row (gpu_results.row: the schema of
+    every benchmark table) and ``info`` (shapes, configuration, validation errors, ...)."""
+    benchmark.extra_info.update(env.common_info(), stage=stage, row=row(stage, **columns), **info)
 
 
 def set_group(benchmark, suite: str, case: str, pass_: str) -> None:

@@ -242,6 +242,18 @@ def module_pass(model, feats, dout, pass_: str):
     return (lambda: model.zero_grad(set_to_none=True)), (lambda _: model(feats).backward(dout))
 
 
+def module_floor_ms(env, nbytes: float, flops: float | None) -> float:
+    """The module's floor: the larger of its bytes over the copy bandwidth and its FLOPs over the
+    matmul rate (bytes alone where the FLOPs could not be counted)."""
+    return 1e3 * max(nbytes / env.copy_bytes_per_s, 0.0 if flops is None else flops / env.matmul_peak())
+
+
+def module_errors(errors: dict) -> dict:
+    """The row's max_rel_error and detail from validate_module's errors."""
+    return dict(max_rel_error=max(errors["out"]["error"], errors["worst_param_grad"]["error"]),
+                detail=f"worst parameter grad: {errors['worst_param_grad']['name']}")
+
+
 def module_floor_bytes(model, feats, dtype, pass_: str) -> float:
     e = torch.tensor([], dtype=dtype).element_size()
     feat = sum(f.numel() for f in feats) * e

@@ -58,10 +58,10 @@ from .cases import (  # noqa: E402
 )
 from .common import BACKEND_NAMES, backend_skip_reason, count_matmul_flops, peak_bytes  # noqa: E402
 from .common import cuda_context_error as context_poisoned  # noqa: E402
-from .common import error_line as _error
-from .common import make_env as _make_env
+from .common import error_line as _error  # noqa: E402
+from .common import make_env as _make_env  # noqa: E402
 from .device_timing import eager_times, graph_times, launch_times, median_s, spread  # noqa: E402
-from .gpu_results import append, read, row, rows  # noqa: E402
+from .gpu_results import append, rates, read, row, rows  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("preflight", "kernel", "module", "e2e")
@@ -277,11 +277,6 @@ class KernelRunner(Runner):
     def _row(self, **values) -> None:
         append(self.results, "kernel", row=row("kernel", **values))
 
-    def _copy_fraction(self, floor: float, ms: float | None) -> float | None:
-        """floor bytes moved in ``ms``, as a fraction of the measured copy bandwidth."""
-        copy = self.env.copy_bytes_per_s
-        return floor / (ms * 1e-3) / copy if copy and ms else None
-
     def __call__(self, item: str) -> None:
         name, _, key = item.partition("@")
         case, env = case_by_key(self.cases, key), self.env
@@ -325,13 +320,14 @@ class KernelRunner(Runner):
                 note = f"CUDA graph: {_error(err)}"
                 if context_poisoned():
                     raise ContextPoisoned(note) from err
-        gbps = floor / (med * 1e-3) / 1e9
+        copy = env.copy_bytes_per_s
+        r = rates(floor, harness.kernel_flops(case, layout, pass_), med, copy)
         self._row(**base, **{"pass": pass_}, status="ok", median_ms=med, min_ms=lo, max_ms=hi, graph_ms=graph[1],
-                  graph_min_ms=graph[0], graph_max_ms=graph[2], bytes_floor=floor, GBps=gbps,
-                  copy_fraction=self._copy_fraction(floor, med),
-                  graph_copy_fraction=self._copy_fraction(floor, graph[1]), max_rel_error=worst, detail=note)
+                  graph_min_ms=graph[0], graph_max_ms=graph[2], bytes_floor=floor, **r,
+                  graph_copy_fraction=rates(floor, None, graph[1], copy)["copy_fraction"], max_rel_error=worst,
+                  detail=note)
         print(f"  {case.label} {base['impl']:12s} {pass_:6s} {med:9.4f} ms [{lo:.4f}, {hi:.4f}]  graph "
-              f"{'-' if graph[1] is None else format(graph[1], '.4f')} ms  {gbps:8.1f} GB/s", flush=True)
+              f"{'-' if graph[1] is None else format(graph[1], '.4f')} ms  {r['GBps']:8.1f} GB/s", flush=True)
 
     def _time_launches(self, base, case, layout, calls, leaves, worst) -> None:
         """The backward's dQ+delta and dK/dV launches apart, each against its own floor."""
@@ -357,8 +353,8 @@ class KernelRunner(Runner):
             lo, med, hi = spread(launches[pass_])
             floor = harness.kernel_floor_bytes(case, layout, env.dtype, pass_)
             self._row(**base, **{"pass": pass_}, status="ok", median_ms=med, min_ms=lo, max_ms=hi, bytes_floor=floor,
-                      GBps=floor / (med * 1e-3) / 1e9, copy_fraction=self._copy_fraction(floor, med),
-                      max_rel_error=worst, detail=f"device time from the profiler; other kernels {other:.4f} ms per call")
+                      **rates(floor, None, med, env.copy_bytes_per_s), max_rel_error=worst,
+                      detail=f"device time from the profiler; other kernels {other:.4f} ms per call")
             print(f"  {case.label} {base['impl']:12s} {pass_:8s} {med:9.4f} ms (device)", flush=True)
 
 
@@ -375,7 +371,7 @@ class ModuleRunner(Runner):
         reason = backend_skip_reason(backend, harness.module_config(case).head_dim, case.interpreted_ok, env)
         for fused in (False, True):
             base = dict(case=case.label, impl=f"{backend} {'fused' if fused else 'unfused'}", backend=backend,
-                        fused=fused, dtype=env.dtype_name)
+                        fused=fused, dtype=env.dtype_name, **{"pass": "fwdbwd"})
             if reason:
                 append(self.results, "module", row=row("module", **base, status="skipped", detail=reason))
                 continue
@@ -405,13 +401,9 @@ class ModuleRunner(Runner):
         model.zero_grad(set_to_none=True)
         flops = harness.module_flops(model, feats, dout, "fwdbwd")
         nbytes = harness.module_floor_bytes(model, feats, env.dtype, "fwdbwd")
-        floor_s = nbytes / env.copy_bytes_per_s
-        if flops is not None:
-            floor_s = max(floor_s, flops / env.matmul_peak())
-        worst = max(errors["out"]["error"], errors["worst_param_grad"]["error"])
         return dict(median_ms=med, min_ms=lo, max_ms=hi, peak_mem_MiB=None if peak is None else peak / 2**20,
-                    floor_bytes=nbytes, floor_flops=flops, floor_ms=floor_s * 1e3, max_rel_error=worst,
-                    detail=f"worst parameter grad: {errors['worst_param_grad']['name']}")
+                    floor_bytes=nbytes, floor_flops=flops, floor_ms=harness.module_floor_ms(env, nbytes, flops),
+                    **harness.module_errors(errors))
 
 
 # ---- stage-1 step table ---------------------------------------------------------------------------

@@ -12,8 +12,9 @@ from __future__ import annotations
 import pytest
 
 from . import harness, peers
-from .common import BACKEND_NAMES, peak_memory, record, set_group
+from .common import BACKEND_NAMES, peak_memory, record, set_group, timed_ms
 from .device_timing import time_rounds
+from .gpu_results import rates
 
 IMPLS = [*BACKEND_NAMES, *peers.PEERS]
 PASSES = ["fwd", "bwd", "fwdbwd"]
@@ -39,11 +40,15 @@ def test_kernel(benchmark, bench_env, store, kv_layout, kernel_case, impl, pass_
     set_group(benchmark, "kernel", case.label, pass_)
     stats = time_rounds(benchmark, env, fn, setup, flush_l2=True)
     mem = peak_memory(benchmark, env, fn, setup)
+    timed, floor = timed_ms(stats), harness.kernel_floor_bytes(case, layout, env.dtype, pass_)
+    rounds = "" if stats is None else f"{stats.rounds} rounds, IQR {stats.iqr * 1e3:.3g} ms"
     k, v = views()
     record(
-        benchmark, env, stats, suite="kernel", case=case.label, impl=impl, pass_=pass_,
-        bytes_floor=harness.kernel_floor_bytes(case, layout, env.dtype, pass_),
-        flops=harness.kernel_flops(case, layout, pass_), impl_kind="peer" if impl in peers.PEERS else "backend",
-        preset=case.preset, layout=repr(layout), shapes={"q": list(q.shape), "k": list(k.shape), "v": list(v.shape)},
-        kv_layout=kv_layout, kv_strides=list(k.stride()), validation_max_rel_error=errors, **mem,
+        benchmark, env, "kernel",
+        dict(case=case.label, impl=impl, dtype=env.dtype_name, **{"pass": pass_}, **timed, bytes_floor=floor,
+            **rates(floor, harness.kernel_flops(case, layout, pass_), timed["median_ms"], env.copy_bytes_per_s),
+            peak_mem_MiB=mem["peak_mem_MiB"], max_rel_error=max(e["error"] for e in errors.values()), detail=rounds),
+        impl_kind="peer" if impl in peers.PEERS else "backend", preset=case.preset, layout=repr(layout),
+        shapes={"q": list(q.shape), "k": list(k.shape), "v": list(v.shape)}, kv_layout=kv_layout,
+        kv_strides=list(k.stride()), validation_max_rel_error=errors, **mem,
     )

@@ -13,7 +13,14 @@ from __future__ import annotations
 import pytest
 
 from . import harness
-from .common import BACKEND_NAMES, backend_skip_reason, peak_memory, record, set_group
+from .common import (
+    BACKEND_NAMES,
+    backend_skip_reason,
+    peak_memory,
+    record,
+    set_group,
+    timed_ms,
+)
 from .device_timing import time_rounds
 
 PASSES = ["fwd", "fwdbwd"]
@@ -43,10 +50,14 @@ def test_module(benchmark, bench_env, store, module_case, backend, fused, pass_)
             store.medians[key] = harness.module_flops(model, feats, dout, pass_)
         flops = store.medians[key]
     model.zero_grad(set_to_none=True)
+    timed, floor = timed_ms(stats), harness.module_floor_bytes(model, feats, env.dtype, pass_)
     record(
-        benchmark, env, stats, suite="module", case=case.label, impl=f"{backend} {'fused' if fused else 'unfused'}",
-        pass_=pass_, bytes_floor=harness.module_floor_bytes(model, feats, env.dtype, pass_), flops=flops,
-        impl_kind="backend", backend=backend, fused=fused, preset=case.preset, config=cfg.to_dict(),
-        layout=repr(model.layout), shapes={"features": [list(f.shape) for f in feats], "out": list(dout.shape)},
+        benchmark, env, "module",
+        dict(case=case.label, impl=f"{backend} {'fused' if fused else 'unfused'}", backend=backend,
+            fused=fused, dtype=env.dtype_name, **{"pass": pass_}, **timed, peak_mem_MiB=mem["peak_mem_MiB"],
+            floor_bytes=floor, floor_flops=flops, floor_ms=harness.module_floor_ms(env, floor, flops),
+            **harness.module_errors(errors)),
+        preset=case.preset, config=cfg.to_dict(), layout=repr(model.layout),
+        shapes={"features": [list(f.shape) for f in feats], "out": list(dout.shape)},
         parameters=sum(p.numel() for p in model.parameters()), validation_max_rel_error=errors, **mem,
     )

@@ -106,9 +106,10 @@ def test_dry_run_module_e2e_and_summary(dry_run):
     assert e2e["cos-80"]["backend"] == "torch" and e2e["linear-256"]["backend"] is None
     assert e2e["cos-80"]["visual_tokens"] == 80 and e2e["mlp-576"]["visual_tokens"] == 576
     ratios = gpu_summary.e2e_ratios(list(e2e.values()))
-    assert ratios["tiny", "resampler-336"][0] == 1 and ratios["tiny", "mlp-576"][1] == 1
+    step = e2e["cos-80"]["case"]
+    assert ratios[step, "resampler-336"][0] == 1 and ratios[step, "mlp-576"][1] == 1
     summary = (out / "SUMMARY.md").read_text()
-    for title in ("## Targets", "## Kernel", "## Module", "## Stage-1 step", "## GPU tests", "| tests | cuda | ok |",
+    for title in ("## Targets", "## Kernel", "## Module", "## Training step", "## GPU tests", "| tests | cuda | ok |",
                   "| kernel | flex | ok |", "vs mlp-576", "graph ms"):
         assert title in summary
     assert (out / "kernel.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -413,7 +414,8 @@ def test_summary_ratios_targets_and_the_fused_order():
               k("b16", "cuda", "fwdbwd", None, dtype="fp16", status="failed")]
     assert gpu_summary.fused_order(kernel) == {"bf16": ["triton", "cuda"], "fp16": ["triton"]}
     assert gpu_summary.kernel_speedups(kernel)["a", "triton", "fwdbwd"] == (1.5, 1.25)
-    module = [gpu_results.row("module", case="m", impl=impl, status="ok", median_ms=ms, peak_mem_MiB=mem)
+    module = [gpu_results.row("module", case="m", impl=impl, status="ok", median_ms=ms, peak_mem_MiB=mem,
+                              **{"pass": "fwdbwd"})
               for impl, ms, mem in (("torch unfused", 10.0, 100.0), ("triton fused", 4.0, 60.0))]
     e2e = [gpu_results.row("e2e", case="s", model="7b", bridge=b, status="ok", step_ms=ms, bridge_share=share)
            for b, ms, share in (("resampler-336", 100.0, 0.05), ("cos-80", 38.0, 0.02), ("mlp-576", 160.0, 0.0))]
