@@ -37,7 +37,7 @@ def stamp(data: dict, infos: list[dict]) -> str:
     if commit is None and data.get("commit_info", {}).get("id"):
         info = data["commit_info"]
         commit = info["id"][:10] + ("-dirty" if info.get("dirty") else "")
-    return f"commit {commit or '?'}, {first.get('device_name', '?')}, {data.get('datetime', '?')}"
+    return f"commit {commit or '?'}, {first.get('device_name', '?')}, {data.get('datetime', '?')[:16]} UTC"
 
 
 def header(data: dict, infos: list[dict]) -> list[str]:
@@ -117,7 +117,7 @@ def plot_e2e(rows: list[dict], title: str, path: Path) -> bool:
     if not steps:
         return False
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(8, 4))
     bars = ax.bar(range(len(steps)), [r["samples_per_s"] for r in steps],
                   color=["tab:blue" if r["case"].startswith("stage 1") else "tab:orange" for r in steps])
     for b, r in zip(bars, steps):
@@ -126,7 +126,7 @@ def plot_e2e(rows: list[dict], title: str, path: Path) -> bool:
     ax.set_xticks(range(len(steps)), [f"{r['bridge']}\n{r['case']}\n{r['visual_tokens']} tok" for r in steps],
                   fontsize=6)
     ax.set_ylabel("samples / s (median step)")
-    ax.set_title(f"training throughput per bridge; {title}", fontsize=8)
+    ax.set_title(f"training throughput per bridge\n{title}", fontsize=8)
     return _save(plt, fig, path)
 
 
