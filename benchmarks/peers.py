@@ -14,7 +14,8 @@ differentiable, and is built once per (layout, shape) by ``make_peer`` with what
                 window-contiguous order first (part of the timed call), q used as is. fp16/bf16 only,
                 needs the flash_attn package and a CUDA device.
 
-Every peer is checked against the torch backend before it is timed (test_kernel.py).
+Every peer is checked against a float64 run of the torch backend before it is timed
+(harness.validate_kernel).
 """
 
 from __future__ import annotations
