@@ -4,11 +4,13 @@ GPU (bf16): kernel and module at cos-80 B=256, cos-336 B=64, cos-1296 B=64 (H=16
 the paper); end to end with the "7b" proxy where the GPU has the memory for it, else "1b".
 CPU (fp32): a "tiny" case at which the Triton backend may run under the interpreter, and a few
 small cases for the eager backend and the peers; end to end with the "tiny" MLLM.
+The GPU check (headline.py) runs the headline subset: cos-80 B=256 and cos-1296 B=64, stage-1 steps
+of the 7b and 1b proxies at B=16, T=64; its dry run tiny cases of the same kinds.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -62,6 +64,11 @@ class E2ECase:
     @property
     def label(self) -> str:
         return f"{self.stage} {self.model} {self.label_bridge} @{self.image_px}px B={self.batch}"
+
+    @property
+    def step_label(self) -> str:
+        """The table's case: the step of this stage, model, batch and caption length (every bridge)."""
+        return f"stage {1 if self.stage == 'pretrain' else 2}, {self.model} B={self.batch} T={self.caption_tokens}"
 
 
 # CPU module width: small enough for 2 cores, head dim 64 like the paper's
@@ -166,21 +173,28 @@ def e2e_cases(device: torch.device, model: str | None, batch: int | None,
     return out
 
 
-@dataclass
-class Store:
-    """Session-wide memo: validations done, medians other benchmarks refer to."""
+# ---- the GPU check's headline cases (headline.py) ---------------------------------------------------
+def headline_kernel_cases(dry: bool) -> list[KernelCase]:
+    if dry:  # two cases, so that a group restarted after a crash has an item left
+        return [KernelCase("cos-80", 1, 2, 32, interpreted_ok=True),
+                KernelCase("cos-80", 1, 1, 16, interpreted_ok=True)]
+    return [KernelCase("cos-80", 256, 16, 64), KernelCase("cos-1296", 64, 16, 64)]
 
-    validated: dict = field(default_factory=dict)
-    medians: dict = field(default_factory=dict)
-    _reference: tuple = (None, None)
 
-    def reference(self, key, make):
-        """The float64 reference of ``key``, made on first use. Only the latest one is kept (at GPU
-        sizes a reference holds gigabytes)."""
-        if self._reference[0] != key:
-            self.drop_reference()  # before make(): the old and the new never coexist
-            self._reference = (key, make())
-        return self._reference[1]
+def headline_module_cases(dry: bool) -> list[ModuleCase]:
+    if dry:
+        return [ModuleCase("cos-80", 1, _CPU_TINY_MODULE, interpreted_ok=True)]
+    return [ModuleCase("cos-80", 256), ModuleCase("cos-1296", 64)]
 
-    def drop_reference(self) -> None:
-        self._reference = (None, None)
+
+def headline_e2e_cases(model: str) -> list[E2ECase]:
+    """Stage-1 steps of ``model`` with every PRETRAIN_BRIDGES bridge (tiny: B=2, T=16; else B=16, T=64)."""
+    batch, tokens = (2, 16) if model == "tiny" else (16, 64)
+    return [E2ECase("pretrain", model, bridge, label, px, batch, tokens) for label, bridge, px in PRETRAIN_BRIDGES]
+
+
+def case_by_key(cases, key: str):
+    for c in cases:
+        if c.key == key:
+            return c
+    raise ValueError(f"no case {key!r}; cases: {[c.key for c in cases]}")

@@ -1,35 +1,27 @@
-"""Shared machinery of the benchmark suites: device and environment, the session's measured
-ceilings (copy bandwidth, dense-matmul throughput), honest timing, peak memory, and extra_info.
-
-Timing method (see benchmarks/README.md):
-  * Every benchmark body runs through ``benchmark.pedantic``: pytest-benchmark's own statistics
-    (min, median, mean, IQR, ...) are the per-call times, and nothing else is reported as "the" time.
-  * GPU: pytest-benchmark's timer is replaced, for that benchmark only, by a CUDA-event timer: each
-    round records an event before and after the call on the current stream and the round's duration
-    is ``start.elapsed_time(end)`` after the end event has completed, as triton.testing.do_bench
-    does. A round's untimed setup (zeroing grads, running the forward of a backward benchmark, and for
-    kernel benchmarks overwriting a 256 MB buffer so L2 holds none of the inputs) is enqueued before
-    the start event. Launch overhead counts where the device would wait for the host, not otherwise.
-  * CPU: the default ``time.perf_counter`` timer; CPU calls are synchronous.
-  * Warm-up (compilation, autotuning, allocator growth) runs before the timed rounds and is not
-    recorded; the number of rounds follows --benchmark-max-time / --benchmark-min-rounds.
-  * With --benchmark-disable every body runs exactly once and nothing is timed (CI smoke run).
+"""Shared machinery of the benchmarks: the device and environment, the session's measured ceilings
+(copy bandwidth, dense-matmul throughput), backend availability, error checks against a float64
+reference, peak memory, FLOP counts and pytest-benchmark's extra_info. Timing: device_timing.py.
 """
 
 from __future__ import annotations
 
 import datetime
-import math
 import os
 import platform
-import time
+import subprocess
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
+from .device_timing import median_s
+from .gpu_results import row
+
 __all__ = [
-    "BACKEND_NAMES", "backend_skip_reason", "error_line", "cuda_context_error", "BenchEnv", "make_env", "time_call", "peak_bytes", "peak_memory", "record",
-    "check_close", "DTYPES", "param_bytes", "count_matmul_flops", "rel_error", "set_group",
+    "BACKEND_NAMES", "backend_skip_reason", "error_line", "cuda_context_error", "BenchEnv", "make_env", "peak_bytes",
+    "peak_memory", "record", "timed_ms", "check_close", "DTYPES", "param_bytes", "count_matmul_flops", "rel_error",
+    "set_group",
 ]
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -114,8 +106,21 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def source_commit() -> str | None:
+    """The commit of the code that runs (``git describe --always --dirty``: short hash, "-dirty" with
+    uncommitted changes), None outside a git checkout."""
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=10"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
 def library_versions() -> dict:
-    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    """Python's, torch's, the optional libraries' (None where absent) and the CUDA version, and the
+    commit that made the numbers (source_commit)."""
+    versions = {"commit": source_commit(), "python": platform.python_version(), "torch": torch.__version__}
     for name in ("triton", "transformers", "flash_attn", "cos_kernels"):
         try:
             module = __import__(name)
@@ -170,6 +175,7 @@ class BenchEnv:
             "copy_GBps": None if self.copy_bytes_per_s is None else self.copy_bytes_per_s / 1e9,
             "copy_buffer_MiB": self.copy_buffer_bytes / 2**20,
             "session_started": self.started,
+            "command": "python -m pytest " + " ".join(sys.argv[1:]),
         }
 
     def matmul_peak(self) -> float:
@@ -197,35 +203,13 @@ def make_env(device: str, dtype: torch.dtype, measure: bool = True) -> BenchEnv:
 
 
 # ---- measured ceilings ----------------------------------------------------------------------------
-def _median_time(env: BenchEnv, fn, reps: int) -> float:
-    """Median seconds of fn() over reps calls, synchronised (CUDA events on a GPU)."""
-    times = []
-    for _ in range(reps):
-        if env.is_cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[len(times) // 2]
-
-
 def measure_copy(env: BenchEnv) -> tuple[float, int]:
     """Device-to-device copy bandwidth, read + write counted: 1 GiB on a GPU, 64 MiB on a CPU."""
     nbytes = 2**30 if env.is_cuda else 64 * 2**20
     src = torch.empty(nbytes, dtype=torch.uint8, device=env.device).fill_(1)
     dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    env.synchronize()
-    t = _median_time(env, lambda: dst.copy_(src), 20 if env.is_cuda else 10)
-    del src, dst
+    t = median_s(env, lambda: dst.copy_(src), 20 if env.is_cuda else 10)
+    src = dst = None  # the buffers go before the cache is emptied
     if env.is_cuda:
         torch.cuda.empty_cache()
     return 2 * nbytes / t, nbytes
@@ -237,87 +221,8 @@ def measure_matmul(env: BenchEnv) -> float:
     dtype = env.dtype
     a = torch.randn(n, n, device=env.device, dtype=dtype)
     b = torch.randn(n, n, device=env.device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    env.synchronize()
-    t = _median_time(env, lambda: a @ b, 20 if env.is_cuda else 5)
+    t = median_s(env, lambda: a @ b, 20 if env.is_cuda else 5)
     return 2 * n**3 / t
-
-
-# ---- timing ---------------------------------------------------------------------------------------
-class _CudaStamp:
-    """A CUDA event recorded on the current stream; ``end - start`` is the elapsed seconds."""
-
-    __slots__ = ("event",)
-
-    def __init__(self):
-        self.event = torch.cuda.Event(enable_timing=True)
-        self.event.record()
-
-    def __sub__(self, other: "_CudaStamp") -> float:
-        self.event.synchronize()
-        return other.event.elapsed_time(self.event) / 1e3
-
-
-def cuda_event_timer() -> _CudaStamp:
-    """pytest-benchmark timer for device work: a CUDA event instead of a host clock reading."""
-    return _CudaStamp()
-
-
-def _rounds(benchmark, estimate_s: float, cap: int = 1000) -> int:
-    max_time = float(getattr(benchmark, "_max_time", 1.0) or 1.0)
-    min_rounds = int(getattr(benchmark, "_min_rounds", 5) or 5)
-    return max(min_rounds, min(cap, math.ceil(max_time / max(estimate_s, 1e-7))))
-
-
-def time_call(benchmark, env: BenchEnv, fn, setup=None, *, flush_l2: bool = False,
-              min_warmup_s: float = 0.025):
-    """Benchmark ``fn(state)`` where ``state = setup()`` (untimed, every round) or None.
-
-    Returns pytest-benchmark's Stats (median etc., seconds), or None under --benchmark-disable
-    (then the body ran exactly once).
-    """
-
-    def make_state():
-        state = setup() if setup is not None else None
-        if flush_l2:
-            env.flush_l2()
-        return (state,), {}
-
-    benchmark.extra_info["l2_flushed_between_rounds"] = bool(flush_l2 and env.is_cuda)
-    if benchmark.disabled:
-        benchmark.pedantic(fn, setup=make_state, rounds=1)
-        return None
-
-    # warm-up: at least two calls on a GPU (one on a CPU) and min_warmup_s of work (compilation,
-    # autotuning, caches)
-    warm, spent, min_warm = 0, 0.0, (2 if env.is_cuda else 1)
-    while warm < min_warm or (spent < min_warmup_s and warm < 100):
-        (state,), _ = make_state()
-        env.synchronize()
-        t0 = time.perf_counter()
-        fn(state)
-        env.synchronize()
-        spent += time.perf_counter() - t0
-        warm += 1
-    del state
-    estimate = spent / warm
-    if env.is_cuda:
-        # device time per call, as the timed rounds will see it
-        (state,), _ = make_state()
-        estimate = _median_time(env, lambda: fn(state), 1)
-        del state
-        if hasattr(benchmark, "_timer"):
-            benchmark._timer = cuda_event_timer
-    benchmark.pedantic(fn, setup=make_state, rounds=_rounds(benchmark, estimate), warmup_rounds=0)
-    env.synchronize()
-    return benchmark.stats.stats if benchmark.stats is not None else None
-
-
-def timer_name(benchmark, env: BenchEnv) -> str:
-    if env.is_cuda and getattr(benchmark, "_timer", None) is cuda_event_timer:
-        return "cuda-events (device time per call; L2 flushed before each round where l2_flushed_between_rounds)"
-    return "time.perf_counter (host wall time per synchronous call)"
 
 
 # ---- peak memory ----------------------------------------------------------------------------------
@@ -364,7 +269,7 @@ def peak_memory(benchmark, env: BenchEnv, fn, setup=None) -> dict:
     """Peak memory of one call of fn(setup()) above what was allocated before it (setup excluded), by
     peak_bytes. Skipped (None) under --benchmark-disable."""
     if benchmark.disabled:
-        return {"peak_mem_bytes": None, "peak_mem_method": "not measured (--benchmark-disable)"}
+        return {"peak_mem_MiB": None, "peak_mem_method": "not measured (--benchmark-disable)"}
     state = setup() if setup is not None else None
     peak, total = peak_bytes(env, lambda: fn(state))
     if env.is_cuda:
@@ -373,28 +278,23 @@ def peak_memory(benchmark, env: BenchEnv, fn, setup=None) -> dict:
         method = "torch.profiler(profile_memory=True) allocation records, high-water mark above the allocations before the call"
     else:
         method = "unavailable (the profiler failed)"
-    return {"peak_mem_bytes": peak, "peak_mem_total_bytes": total, "peak_mem_method": method}
+    return {"peak_mem_MiB": None if peak is None else peak / 2**20,
+            "peak_mem_total_MiB": None if total is None else total / 2**20, "peak_mem_method": method}
 
 
 # ---- results --------------------------------------------------------------------------------------
-def record(benchmark, env: BenchEnv, stats, *, suite: str, case: str, impl: str, pass_: str,
-           bytes_floor: float | None = None, flops: float | None = None, **info) -> None:
-    """Fill benchmark.extra_info: identity, environment, floor bytes and FLOPs, and the rates they
-    give at the median time (None where nothing was timed)."""
-    median = None if stats is None else float(stats.median)
-    extra = benchmark.extra_info
-    extra.update(env.common_info())
-    extra.update(suite=suite, case=case, impl=impl, pass_=pass_, timer=timer_name(benchmark, env),
-                 median_s=median, bytes_floor=bytes_floor, flops=flops)
-    gbps = tflops = frac = None
-    if median and bytes_floor:
-        gbps = bytes_floor / median / 1e9
-        if env.copy_bytes_per_s:
-            frac = bytes_floor / median / env.copy_bytes_per_s
-    if median and flops:
-        tflops = flops / median / 1e12
-    extra.update(achieved_GBps=gbps, copy_bw_fraction=frac, achieved_TFLOPs=tflops)
-    extra.update(info)
+def timed_ms(stats) -> dict:
+    """status, median_ms, min_ms, max_ms of pytest-benchmark's stats (seconds), for a row; "not
+    timed" under --benchmark-disable (stats None)."""
+    if stats is None:
+        return dict(status="not timed", median_ms=None, min_ms=None, max_ms=None)
+    return dict(status="ok", median_ms=stats.median * 1e3, min_ms=stats.min * 1e3, max_ms=stats.max * 1e3)
+
+
+def record(benchmark, env: BenchEnv, stage: str, columns: dict, **info) -> None:
+    """benchmark.extra_info: the environment, the stage's table row (gpu_results.row: the schema of
+    every benchmark table) and ``info`` (shapes, configuration, validation errors, ...)."""
+    benchmark.extra_info.update(env.common_info(), stage=stage, row=row(stage, **columns), **info)
 
 
 def set_group(benchmark, suite: str, case: str, pass_: str) -> None:

@@ -23,6 +23,7 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
 
 from . import cases as _cases  # noqa: E402
 from .common import DTYPES, make_env  # noqa: E402
+from .harness import Store  # noqa: E402
 
 
 def pytest_addoption(parser):
@@ -101,7 +102,7 @@ def bench_env(pytestconfig):
 
 @pytest.fixture(scope="session")
 def store():
-    return _cases.Store()
+    return Store()
 
 
 @pytest.fixture(scope="session")

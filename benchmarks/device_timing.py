@@ -1,4 +1,5 @@
-"""Timings of the GPU check, each a list of per-call milliseconds so that rows carry their spread.
+"""The one timer of the benchmarks: one clock (clock: CUDA events on a GPU, time.perf_counter on a
+CPU) under every timing, each a list of per-call milliseconds so that rows carry their spread.
 
   eager_times    each call alone between two CUDA events, a 256 MB buffer overwritten before it so L2
                  holds none of the inputs (as triton.testing.do_bench); the host's launch cost counts
@@ -8,6 +9,8 @@
                  headline inputs are 10-20x its size)
   launch_times   device time of each kernel a call launches, from the profiler's trace, grouped by a
                  classifier (the backward's dQ+delta and dK/dV launches apart)
+  time_rounds    the pytest-benchmark suites: pytest-benchmark's rounds on the same clock, each
+                 round's setup untimed, warmed up and counted by eager_times
 On a CPU (the dry run) eager_times is the host clock around synchronous calls, and the other two
 are unavailable (ValueError saying why).
 """
@@ -15,6 +18,7 @@ are unavailable (ValueError saying why).
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import statistics
@@ -29,45 +33,96 @@ def spread(times_ms: list[float]) -> tuple[float, float, float]:
     return min(times_ms), statistics.median(times_ms), max(times_ms)
 
 
+class _CudaStamp:
+    """A CUDA event recorded on the current stream; ``end - start`` is the elapsed seconds."""
+
+    __slots__ = ("event",)
+
+    def __init__(self):
+        self.event = torch.cuda.Event(enable_timing=True)
+        self.event.record()
+
+    def __sub__(self, other: "_CudaStamp") -> float:
+        self.event.synchronize()
+        return other.event.elapsed_time(self.event) / 1e3
+
+
+def clock(env):
+    """The clock of every timing here and of pytest-benchmark's rounds: clock() is a stamp, ``end -
+    start`` seconds. GPU: a CUDA event recorded on the current stream (device time; the difference
+    waits for the end event); CPU: time.perf_counter (the calls are synchronous)."""
+    return _CudaStamp if env.is_cuda else time.perf_counter
+
+
 def _reset(grads) -> None:
     for t in grads:
         t.grad = None
 
 
-def eager_times(env, fn, grads=(), rep_ms: float = 60.0, max_calls: int = 200) -> list[float]:
-    """Milliseconds of each of several fn() calls; the tensors in ``grads`` get .grad = None before
-    each call, untimed. GPU: 2 warm-up calls, then as many calls as fill ``rep_ms`` (at least 5, at
-    most ``max_calls``); CPU: 1 warm-up call, then 3 calls."""
-    if not env.is_cuda:
+def eager_times(env, fn, grads=(), rep_ms: float = 60.0, max_calls: int = 200, calls: int | None = None,
+                flush_l2: bool = True) -> list[float]:
+    """Milliseconds of each of several fn() calls; the tensors in ``grads`` get .grad = None and (GPU,
+    ``flush_l2``) L2 is overwritten before each call, untimed. 2 warm-up calls on a GPU, 1 on a CPU;
+    then ``calls`` calls, by default on a GPU as many as fill ``rep_ms`` (at least 5, at most
+    ``max_calls``), on a CPU 3. Every stamp is enqueued before the first is read."""
+    for _ in range(2 if env.is_cuda else 1):
         _reset(grads)
         fn()
-        out = []
-        for _ in range(3):
-            _reset(grads)
-            t0 = time.perf_counter()
-            fn()
-            out.append((time.perf_counter() - t0) * 1e3)
-        return out
-    for _ in range(2):
+    env.synchronize()
+    if calls is None and env.is_cuda:
+        t0 = time.perf_counter()
         _reset(grads)
         fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    _reset(grads)
-    fn()
-    torch.cuda.synchronize()
-    estimate = (time.perf_counter() - t0) * 1e3
-    calls = max(5, min(max_calls, int(rep_ms / max(estimate, 1e-3))))
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(calls)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(calls)]
-    for start, end in zip(starts, ends):
+        env.synchronize()
+        calls = max(5, min(max_calls, int(rep_ms / max((time.perf_counter() - t0) * 1e3, 1e-3))))
+    stamp, stamps = clock(env), []
+    for _ in range(calls or 3):
         _reset(grads)
-        env.flush_l2()
-        start.record()
+        if flush_l2:
+            env.flush_l2()
+        start = stamp()
         fn()
-        end.record()
-    torch.cuda.synchronize()
-    return [s.elapsed_time(e) for s, e in zip(starts, ends)]
+        stamps.append((start, stamp()))
+    return [(end - start) * 1e3 for start, end in stamps]
+
+
+def median_s(env, fn, calls: int) -> float:
+    """Median seconds of ``calls`` fn() calls (eager_times, L2 not flushed)."""
+    return statistics.median(eager_times(env, fn, calls=calls, flush_l2=False)) / 1e3
+
+
+def time_rounds(benchmark, env, fn, setup=None, *, flush_l2: bool = False):
+    """pytest-benchmark's rounds of ``fn(state)``, ``state = setup()`` untimed each round (and L2
+    overwritten after it where ``flush_l2``), on this module's clock; eager_times warms up and sets
+    the round count (--benchmark-max-time / --benchmark-min-rounds). Returns pytest-benchmark's
+    Stats (seconds), or None under --benchmark-disable (then the body ran exactly once)."""
+
+    def make_state():
+        state = setup() if setup is not None else None
+        if flush_l2:
+            env.flush_l2()
+        return (state,), {}
+
+    benchmark.extra_info.update(l2_flushed_between_rounds=bool(flush_l2 and env.is_cuda), timer=clock_name(env))
+    if benchmark.disabled:
+        benchmark.pedantic(fn, setup=make_state, rounds=1)
+        return None
+    (state,), _ = make_state()
+    estimate_s = statistics.median(eager_times(env, lambda: fn(state), flush_l2=flush_l2)) / 1e3
+    state = None  # a backward's forward graph goes before the rounds
+    max_time = float(getattr(benchmark, "_max_time", 1.0) or 1.0)
+    min_rounds = int(getattr(benchmark, "_min_rounds", 5) or 5)
+    rounds = max(min_rounds, min(1000, math.ceil(max_time / max(estimate_s, 1e-7))))
+    benchmark._timer = clock(env)
+    benchmark.pedantic(fn, setup=make_state, rounds=rounds, warmup_rounds=0)
+    env.synchronize()
+    return benchmark.stats.stats if benchmark.stats is not None else None
+
+
+def clock_name(env) -> str:
+    if env.is_cuda:
+        return "cuda-events (device time per call; L2 flushed before each round where l2_flushed_between_rounds)"
+    return "time.perf_counter (host wall time per synchronous call)"
 
 
 def graph_times(env, make_fn, grads=(), target_ms: float = 20.0, replays: int = 10) -> list[float]:

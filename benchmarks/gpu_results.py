@@ -1,5 +1,7 @@
-"""The GPU check's results file: one JSON object per line, appended and flushed as soon as it exists,
-so a process killed mid-stage keeps every line it wrote.
+"""The one row schema of every benchmark table (COLUMNS, ``row``), and the GPU check's results file:
+one JSON object per line, appended and flushed as soon as it exists, so a process killed mid-stage
+keeps every line it wrote. The pytest-benchmark suites record the same rows (extra_info["row"]),
+which report.py renders with the GPU check's tables (gpu_summary.py).
 
 Three kinds of line, each with the ``stage`` it belongs to (preflight, kernel, module, e2e, tests):
   rows     ``{"stage", "row": {...}}``: one measured (or failed, or skipped) table row; ``row`` makes
@@ -25,14 +27,15 @@ COLUMNS = {
     "preflight": ("device", "device_name", "driver", "clocks", "python", "versions", "imports", "nvcc", "cuda_home",
                   "copy_GBps", "matmul_TFLOPs", "matmul_dtype"),
     # median/min/max: eager calls (do_bench, L2 flushed before each); graph_*: the same pass captured
-    # in a CUDA graph (no host launch cost; L2 not flushed, the inputs are several times its size)
+    # in a CUDA graph (no host launch cost; L2 not flushed, the inputs are several times its size);
+    # TFLOPs: useful FLOPs (harness.kernel_flops) over the median
     "kernel": ("case", "impl", "pass", "dtype", "status", "median_ms", "min_ms", "max_ms", "graph_ms",
                "graph_min_ms", "graph_max_ms", "bytes_floor", "GBps", "copy_fraction", "graph_copy_fraction",
-               "max_rel_error", "detail"),
-    # floor_*: the module's fewest bytes and FLOPs for one forward+backward, floor_ms the larger of
-    # bytes / copy bandwidth and FLOPs / matmul rate
-    "module": ("case", "impl", "backend", "fused", "dtype", "status", "median_ms", "min_ms", "max_ms", "peak_mem_MiB",
-               "floor_bytes", "floor_flops", "floor_ms", "max_rel_error", "detail"),
+               "TFLOPs", "peak_mem_MiB", "max_rel_error", "detail"),
+    # floor_*: the module's fewest bytes and FLOPs for one pass, floor_ms the larger of bytes / copy
+    # bandwidth and FLOPs / matmul rate
+    "module": ("case", "impl", "backend", "fused", "pass", "dtype", "status", "median_ms", "min_ms", "max_ms",
+               "peak_mem_MiB", "floor_bytes", "floor_flops", "floor_ms", "max_rel_error", "detail"),
     "e2e": ("case", "bridge", "model", "backend", "dtype", "status", "step_ms", "min_ms", "max_ms", "samples_per_s",
             "bridge_fwdbwd_ms", "bridge_share", "mfu", "peak_mem_GiB", "visual_tokens", "detail"),
 }
@@ -71,6 +74,15 @@ def row(stage: str, **values) -> dict:
     if unknown:
         raise KeyError(f"{stage} row: unknown columns {sorted(unknown)}")
     return {c: values.get(c) for c in COLUMNS[stage]}
+
+
+def rates(bytes_floor: float | None, flops: float | None, ms: float | None, copy_bytes_per_s: float | None) -> dict:
+    """GBps, copy_fraction (of the measured copy bandwidth) and TFLOPs of a call of ``ms`` that moves
+    ``bytes_floor`` and does ``flops``; None where a number is missing."""
+    bytes_per_s = bytes_floor * 1e3 / ms if ms and bytes_floor else None
+    return dict(GBps=bytes_per_s and bytes_per_s / 1e9,
+                copy_fraction=bytes_per_s / copy_bytes_per_s if bytes_per_s and copy_bytes_per_s else None,
+                TFLOPs=flops * 1e3 / ms / 1e12 if ms and flops else None)
 
 
 def rows(entries: list[dict], stage: str) -> list[dict]:

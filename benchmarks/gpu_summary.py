@@ -1,9 +1,12 @@
-"""SUMMARY.md and kernel.png of the GPU check, from its results file (benchmarks/gpu_results.py).
+"""The one Markdown table of every benchmark row (benchmarks/gpu_results.py's schema): SUMMARY.md and
+kernel.png of the GPU check, from its results file, and the tables of report.py, from the rows the
+pytest-benchmark suites record.
 
-Ratios between rows are computed here, over the rows of one run (each implementation was measured
-in its own process): kernel speed-ups over the torch backend and the fastest peer, module speed-up
-and memory against the eager unfused resampler, stage-1 step ratios against resampler-336 and
-mlp-576; then the targets of the standing GPU issue, each measured value beside its bound.
+Ratios between rows are computed here, over the rows of one run (in the GPU check each
+implementation was measured in its own process): kernel speed-ups over the torch backend and the
+fastest peer, module speed-up and memory against the eager unfused resampler, step ratios against
+resampler-336 and mlp-576 beside the paper's; then the targets of the standing GPU issue, each
+measured value beside its bound.
 """
 
 from __future__ import annotations
@@ -17,14 +20,29 @@ from .headline import FAULTS, FUSED, LAUNCH_PASSES, PASSES
 PEERS = ("torch", *peers.PEERS)  # what a fused backend must beat
 IMPL_ORDER = (*FUSED, *PEERS, *FAULTS)  # the tables' order: fused backends first
 PASS_ORDER = (*PASSES[:2], *LAUNCH_PASSES, *PASSES[2:], None)  # fwd, bwd, its launches, fwdbwd
+# the paper's stage-1 wall-clock relative to resampler-336 (reference values, not measured here)
+PAPER_RELATIVE = {"cos-80": 0.42, "linear-256": 0.82, "resampler-336": 1.00}
 
 
 def _f(x, fmt: str = ".3g") -> str:
     return "-" if x is None else format(x, fmt)
 
 
-def _table(header: list[str], body: list[list[str]]) -> list[str]:
+def markdown_table(header: list[str], body: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in body]
+
+
+def _section(title: str, note: str, header: list[str], body: list[list[str]]) -> list[str]:
+    return ["", f"## {title}", "", note, "", *markdown_table(header, body)]
+
+
+def _min_max(r, ok: bool) -> str:
+    return f"{_f(r['min_ms'], '.4g')}-{_f(r['max_ms'], '.4g')}" if ok else "-"
+
+
+def _error_or_why(r) -> str:
+    """The worst validation error of an ok row, else why it is not."""
+    return _f(r["max_rel_error"], ".2g") if r["status"] == "ok" else (r.get("detail") or "")[:90]
 
 
 def _rank(order, x) -> int:
@@ -69,30 +87,29 @@ def best_fused(kernel_rows: list[dict]) -> str | None:
     return next((order[0] for order in fused_order(kernel_rows).values()), None)
 
 
-def _kernel_section(kernel: list[dict]) -> list[str]:
+def kernel_section(kernel: list[dict]) -> list[str]:
     cases = list(dict.fromkeys(r["case"] for r in kernel))
     kernel = sorted(kernel, key=lambda r: (cases.index(r["case"]), _rank(IMPL_ORDER, r["impl"]),
                                            _rank(PASS_ORDER, r["pass"])))
     speedups = kernel_speedups(kernel)
-    out = ["", "## Kernel", "",
-           "Medians in ms of eager calls (L2 flushed before each), their min-max, and the same pass "
-           "captured in a CUDA graph; launch = eager - graph (the host's share). GB/s over the floor "
-           "bytes; of copy: fraction of the measured copy bandwidth (eager; graph). bwd_dq / bwd_dkdv: "
-           "the backward's two launches alone (device time, profiler), each against its own floor. "
-           "x torch / x best peer: that implementation's median over this one.", ""]
     body = []
     for r in kernel:
         graph, med = r.get("graph_ms"), r.get("median_ms")
         sp = speedups.get((r["case"], r["impl"], r["pass"]), (None, None))
         body.append([
-            r["case"], r["impl"], r["pass"] or "-", r["status"], _f(med, ".4g"),
-            f"{_f(r.get('min_ms'), '.4g')}-{_f(r.get('max_ms'), '.4g')}" if _ok(r) else "-",
+            r["case"], r["impl"], r["pass"] or "-", r["status"], _f(med, ".4g"), _min_max(r, _ok(r)),
             _f(graph, ".4g"), _f(med - graph if med is not None and graph is not None else None, ".3g"),
             _f(r.get("GBps"), ".4g"), _f(r.get("copy_fraction"), ".1%"), _f(r.get("graph_copy_fraction"), ".1%"),
-            _f(sp[0], ".2f"), _f(sp[1], ".2f"),
-            _f(r["max_rel_error"], ".2g") if r["status"] == "ok" else (r.get("detail") or "")[:90]])
-    out += _table(["case", "impl", "pass", "status", "ms", "min-max", "graph ms", "launch ms", "GB/s", "of copy",
-                   "of copy (graph)", "x torch", "x best peer", "rel err / why"], body)
+            _f(r.get("TFLOPs"), ".3g"), _f(r.get("peak_mem_MiB"), ".4g"), _f(sp[0], ".2f"), _f(sp[1], ".2f"),
+            _error_or_why(r)])
+    out = _section(
+        "Kernel", "Medians in ms per call (GPU: between CUDA events, L2 flushed before each), their min-max, and "
+        "the same pass captured in a CUDA graph (the GPU check); launch = eager - graph (the host's share). GB/s "
+        "over the floor bytes; of copy: fraction of the measured copy bandwidth (eager; graph); TFLOP/s of "
+        "useful FLOPs. bwd_dq / bwd_dkdv: the backward's two launches alone (device time, profiler), each "
+        "against its own floor. x torch / x best peer: that implementation's median over this one.",
+        ["case", "impl", "pass", "status", "ms", "min-max", "graph ms", "launch ms", "GB/s", "of copy",
+         "of copy (graph)", "TFLOP/s", "peak MiB", "x torch", "x best peer", "rel err / why"], body)
     order = fused_order(kernel)
     if order:
         out += ["", "Fused backends by forward+backward time, summed over the cases (for "
@@ -102,66 +119,66 @@ def _kernel_section(kernel: list[dict]) -> list[str]:
 
 # ---- module ---------------------------------------------------------------------------------------
 def module_ratios(module_rows: list[dict]) -> dict:
-    """(case, impl) -> (eager unfused median / its median, its peak memory / eager unfused's)."""
-    eager = {r["case"]: r for r in module_rows if _ok(r) and r["impl"] == "torch unfused"}
+    """(case, impl, pass) -> (eager unfused median / its median, its peak memory / eager unfused's)."""
+    eager = {(r["case"], r["pass"]): r for r in module_rows if _ok(r) and r["impl"] == "torch unfused"}
     out = {}
     for r in module_rows:
-        e = eager.get(r["case"])
+        e = eager.get((r["case"], r["pass"]))
         if not _ok(r) or e is None:
             continue
         mem = r["peak_mem_MiB"] / e["peak_mem_MiB"] if r["peak_mem_MiB"] and e["peak_mem_MiB"] else None
-        out[r["case"], r["impl"]] = (e["median_ms"] / r["median_ms"], mem)
+        out[r["case"], r["impl"], r["pass"]] = (e["median_ms"] / r["median_ms"], mem)
     return out
 
 
-def _module_section(module: list[dict]) -> list[str]:
+def module_section(module: list[dict]) -> list[str]:
     ratios = module_ratios(module)
-    out = ["", "## Module (forward + backward)", "",
-           "Median ms (min-max); peak memory above the inputs; floor: the larger of the fewest bytes over "
-           "the copy bandwidth and the matrix FLOPs over the matmul rate.", ""]
     body = []
     for r in module:
-        x, mem = ratios.get((r["case"], r["impl"]), (None, None))
-        body.append([r["case"], r["impl"], r["status"], _f(r["median_ms"], ".4g"),
-                     f"{_f(r['min_ms'], '.4g')}-{_f(r['max_ms'], '.4g')}" if _ok(r) else "-",
-                     _f(r["peak_mem_MiB"], ".0f"), _f(x, ".2f"), _f(mem, ".2f"),
+        x, mem = ratios.get((r["case"], r["impl"], r["pass"]), (None, None))
+        body.append([r["case"], r["impl"], r["pass"] or "-", r["status"], _f(r["median_ms"], ".4g"),
+                     _min_max(r, _ok(r)), _f(r["peak_mem_MiB"], ".4g"), _f(x, ".2f"), _f(mem, ".2f"),
                      _f(r["floor_bytes"] / 1e9 if r.get("floor_bytes") else None, ".3g"),
                      _f(r["floor_flops"] / 1e12 if r.get("floor_flops") else None, ".3g"), _f(r["floor_ms"], ".3g"),
-                     _f(r["floor_ms"] / r["median_ms"] if _ok(r) and r["floor_ms"] else None, ".1%"),
-                     _f(r["max_rel_error"], ".2g") if r["status"] == "ok" else (r.get("detail") or "")[:80]])
-    out += _table(["case", "impl", "status", "ms", "min-max", "peak MiB", "x eager unfused", "mem / eager",
-                   "floor GB", "floor TFLOP", "floor ms", "of floor", "rel err / why"], body)
-    return out
+                     _f(r["floor_ms"] / r["median_ms"] if _ok(r) and r["floor_ms"] else None, ".1%"), _error_or_why(r)])
+    return _section(
+        "Module", "Median ms (min-max) of the resampler's forward (fwd, no grad) or forward+backward (fwdbwd); "
+        "peak memory above the inputs; floor: the larger of the fewest bytes over the copy bandwidth and the "
+        "FLOPs over the matmul rate.",
+        ["case", "impl", "pass", "status", "ms", "min-max", "peak MiB", "x eager unfused", "mem / eager",
+         "floor GB", "floor TFLOP", "floor ms", "of floor", "rel err / why"], body)
 
 
-# ---- stage-1 step ---------------------------------------------------------------------------------
+# ---- training step --------------------------------------------------------------------------------
 def e2e_ratios(e2e_rows: list[dict]) -> dict:
-    """(model, bridge) -> (its step / resampler-336's, its step / mlp-576's) within one model size."""
-    ms = {(r["model"], r["bridge"]): r["step_ms"] for r in e2e_rows if r["status"] == "ok" and r["step_ms"]}
+    """(case, bridge) -> (its step / resampler-336's, its step / mlp-576's) within one case (stage,
+    model, batch, caption length)."""
+    ms = {(r["case"], r["bridge"]): r["step_ms"] for r in e2e_rows if r["status"] == "ok" and r["step_ms"]}
     out = {}
-    for (model, bridge), t in ms.items():
-        ref, mlp = ms.get((model, "resampler-336")), ms.get((model, "mlp-576"))
-        out[model, bridge] = (t / ref if ref else None, t / mlp if mlp else None)
+    for (case, bridge), t in ms.items():
+        ref, mlp = ms.get((case, "resampler-336")), ms.get((case, "mlp-576"))
+        out[case, bridge] = (t / ref if ref else None, t / mlp if mlp else None)
     return out
 
 
-def _e2e_section(e2e: list[dict]) -> list[str]:
+def e2e_section(e2e: list[dict]) -> list[str]:
     ratios = e2e_ratios(e2e)
-    out = ["", "## Stage-1 step", "",
-           "Median ms (min-max) of a whole training step (ViT frozen, LLM frozen, bridge trained); the "
-           "bridge's forward+backward alone and its share of the step; MFU over the measured matmul rate; "
-           "peak memory of the process.", ""]
     body = []
     for r in e2e:
-        rel, mlp = ratios.get((r["model"], r["bridge"]), (None, None))
+        rel, mlp = ratios.get((r["case"], r["bridge"]), (None, None))
+        paper = PAPER_RELATIVE.get(r["bridge"]) if r["case"].startswith("stage 1") else None
+        ok = r["status"] == "ok"
         body.append([r["case"], r["bridge"], r.get("backend") or "-", r["status"], _f(r["step_ms"], ".4g"),
-                     f"{_f(r['min_ms'], '.4g')}-{_f(r['max_ms'], '.4g')}" if r["status"] == "ok" else "-",
-                     _f(r["samples_per_s"], ".1f"), _f(rel, ".3f"), _f(mlp, ".3f"), _f(r["bridge_fwdbwd_ms"], ".3g"),
-                     _f(r["bridge_share"], ".1%"), _f(r["mfu"], ".1%"), _f(r["peak_mem_GiB"], ".1f"),
-                     "" if r["status"] == "ok" else (r.get("detail") or "")[:80]])
-    out += _table(["case", "bridge", "backend", "status", "step ms", "min-max", "samples/s", "vs resampler-336",
-                   "vs mlp-576", "bridge ms", "share", "MFU", "peak GiB", "why"], body)
-    return out
+                     _min_max(r, ok), _f(r["samples_per_s"], ".1f"), _f(r["visual_tokens"], "d"), _f(rel, ".3f"),
+                     _f(paper, ".2f"), _f(mlp, ".3f"), _f(r["bridge_fwdbwd_ms"], ".3g"), _f(r["bridge_share"], ".1%"),
+                     _f(r["mfu"], ".1%"), _f(r["peak_mem_GiB"], ".3g"), "" if ok else (r.get("detail") or "")[:80]])
+    return _section(
+        "Training step", "Median ms (min-max) of a whole training step (stage 1: ViT and LLM frozen, bridge "
+        "trained; stage 2: bridge and LLM trained); the step against resampler-336's (and the paper's stage-1 "
+        "ratio) and mlp-576's; the bridge's forward+backward alone and its share of the step; MFU over the "
+        "measured matmul rate; peak memory.",
+        ["case", "bridge", "backend", "status", "step ms", "min-max", "samples/s", "visual tokens",
+         "vs resampler-336", "paper", "vs mlp-576", "bridge ms", "share", "MFU", "peak GiB", "why"], body)
 
 
 # ---- targets --------------------------------------------------------------------------------------
@@ -189,17 +206,18 @@ def targets(entries: list[dict]) -> list[tuple[str, str, bool | None]]:
             out.append((f"{case}: fwd+bwd >= 2x every peer", "-", None))
     ratios = module_ratios(module)
     for case in dict.fromkeys(r["case"] for r in module):
-        got = ratios.get((case, f"{best} fused")) if best else None
+        got = ratios.get((case, f"{best} fused", "fwdbwd")) if best else None
         out.append((f"module {case}: {best or 'best'} fused fwd+bwd >= 2x eager unfused, less peak memory",
                     "-" if got is None else f"{got[0]:.2f}x, memory {_f(got[1], '.2f')}x",
                     None if got is None else got[0] >= 2 and got[1] is not None and got[1] < 1))
     steps = e2e_ratios(e2e)
     model = "7b" if any(r["model"] == "7b" for r in e2e) else next((r["model"] for r in e2e), None)
-    rel, mlp = steps.get((model, "cos-80"), (None, None))
+    step_case = next((r["case"] for r in e2e if r["model"] == model and not r["case"].startswith("stage 2")), None)
+    rel, mlp = steps.get((step_case, "cos-80"), (None, None))
     out.append((f"{model or '-'}: cos-80 step <= 0.40 of resampler-336's", _f(rel, ".3f"),
                 None if rel is None else rel <= 0.40))
     out.append((f"{model or '-'}: cos-80 step <= 0.25 of mlp-576's", _f(mlp, ".3f"), None if mlp is None else mlp <= 0.25))
-    share = next((r["bridge_share"] for r in e2e if r["model"] == model and r["bridge"] == "cos-80"
+    share = next((r["bridge_share"] for r in e2e if r["case"] == step_case and r["bridge"] == "cos-80"
                   and r["status"] == "ok"), None)
     out.append((f"{model or '-'}: cos-80 resampler < 3% of the step", _f(share, ".1%"),
                 None if share is None else share < 0.03))
@@ -221,14 +239,15 @@ def render(entries: list[dict]) -> str:
     """SUMMARY.md from the results lines: groups and their times, the targets, then each table."""
     out = ["# GPU check", ""]
     statuses = stage_statuses(entries)
-    out += _table(["stage", "group", "status", "wall s", "log", "note"],
+    out += markdown_table(["stage", "group", "status", "wall s", "log", "note"],
                   [[e["stage"], str(e.get("group") or "-"), e["status"], _f(e.get("wall_s"), ".1f"), e.get("log", ""),
                     e.get("note") or ""] for e in statuses])
     pre = rows(entries, "preflight")
     if pre:
         p = pre[-1]
         v = p["versions"] or {}
-        out += ["", f"Device: {p['device_name']}, driver {p['driver']}; Python {p['python']}; torch {v.get('torch')} "
+        out += ["", f"Commit {v.get('commit') or '-'}. Device: {p['device_name']}, driver {p['driver']}; Python "
+                    f"{p['python']}; torch {v.get('torch')} "
                     f"(CUDA {v.get('cuda')}), triton {v.get('triton')}, transformers {v.get('transformers')}; "
                     f"{p['nvcc']}; CUDA_HOME {p['cuda_home']}.",
                 f"Measured: copy {_f(p['copy_GBps'], '.0f')} GB/s (read + write), {p['matmul_dtype']} matmul "
@@ -240,14 +259,14 @@ def render(entries: list[dict]) -> str:
     goals = targets(entries)
     if any(met is not None for _, _, met in goals):
         out += ["", "## Targets", ""]
-        out += _table(["target", "measured", "met"],
+        out += markdown_table(["target", "measured", "met"],
                       [[t, m, "-" if met is None else ("yes" if met else "**no**")] for t, m, met in goals])
     if rows(entries, "kernel"):
-        out += _kernel_section(rows(entries, "kernel"))
+        out += kernel_section(rows(entries, "kernel"))
     if rows(entries, "module"):
-        out += _module_section(rows(entries, "module"))
+        out += module_section(rows(entries, "module"))
     if rows(entries, "e2e"):
-        out += _e2e_section(rows(entries, "e2e"))
+        out += e2e_section(rows(entries, "e2e"))
     out += _tests_section(statuses)
     return "\n".join(out) + "\n"
 

@@ -21,16 +21,17 @@ weights) at B=16 with 64 caption tokens for the stage-1 step. ``--dry`` (CPU, CI
 cases, Triton under its interpreter, the "tiny" MLLM, and two fake implementations that fail on
 purpose (FAULTS): it checks the plumbing, not the speed.
 
-Every implementation is checked against a float64 reference before it is timed (benchmarks/
-test_kernel.py's and test_module.py's rule: at most 2x the eager torch error in the same dtype plus
-a small allowance); one that fails is recorded as failed, with its error, and not timed.
-Timing: benchmarks/device_timing.py (eager calls with L2 flushed, the same calls in a CUDA graph,
-the backward's launches from the profiler), each row with min, median and max.
+The implementations, inputs, float64 validation, pass callables, floors and FLOPs are those of the
+pytest-benchmark suites (benchmarks/harness.py): an implementation that fails its validation is
+recorded as failed, with its error, and not timed. Timing: benchmarks/device_timing.py (eager calls
+with L2 flushed, the same calls in a CUDA graph, the backward's launches from the profiler), each
+row with min, median and max.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import os
 import platform
@@ -47,8 +48,20 @@ if "--dry" in sys.argv and "TRITON_INTERPRET" not in os.environ:
 
 import torch  # noqa: E402
 
-from .common import BACKEND_NAMES, cuda_context_error as context_poisoned, error_line as _error  # noqa: E402
-from .gpu_results import append, read, row, rows  # noqa: E402
+from . import harness  # noqa: E402
+from .cases import (  # noqa: E402
+    PRETRAIN_BRIDGES,
+    case_by_key,
+    headline_e2e_cases,
+    headline_kernel_cases,
+    headline_module_cases,
+)
+from .common import BACKEND_NAMES, backend_skip_reason, count_matmul_flops, peak_bytes  # noqa: E402
+from .common import cuda_context_error as context_poisoned  # noqa: E402
+from .common import error_line as _error  # noqa: E402
+from .common import make_env as _make_env  # noqa: E402
+from .device_timing import eager_times, graph_times, launch_times, median_s, spread  # noqa: E402
+from .gpu_results import append, rates, read, row, rows  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("preflight", "kernel", "module", "e2e")
@@ -63,9 +76,6 @@ KERNEL_IMPLS = (*PEERS_FIRST, *FUSED, "flex")
 FAULTS = ("fault_raise", "fault_exit")
 POISONED_EXIT = 3
 FAULT_EXIT_CODE = 7
-E2E_BRIDGES = {  # label -> (MLLMConfig bridge, the paper's image px); resampler-336 is the reference
-    "resampler-336": ("resampler-336", 224), "cos-80": ("cos-80", 224), "linear-256": ("linear", 224),
-    "mlp-576": ("mlp2x_gelu", 336)}
 PACKAGES = ("torch", "triton", "numpy", "transformers", "safetensors", "tqdm", "PIL", "matplotlib",
             "pytest", "pytest_benchmark", "pytest_timeout", "xdist", "ninja", "pybind11", "cos_kernels",
             "cos_kernels.ops.triton_backend", "cos_kernels.mllm", "torch.nn.attention.flex_attention")
@@ -88,8 +98,6 @@ def session(dry: bool):
 def make_env(dry: bool, entries: list[dict]):
     """benchmarks.common.BenchEnv of this process, with the copy bandwidth and matmul rate measured by
     the preflight stage (measured here again where the preflight row is missing)."""
-    from .common import make_env as _make_env
-
     device, dtype = session(dry)
     pre = [r for r in rows(entries, "preflight") if r["copy_GBps"]]
     env = _make_env(str(device), dtype, measure=not pre)
@@ -106,39 +114,6 @@ def _free(env) -> None:
 
 
 # ---- item identities (the driver writes a lost item's row with them) ------------------------------
-def kernel_cases(dry: bool):
-    from .cases import KernelCase
-
-    if dry:  # two cases, so that a group restarted after a crash has an item left
-        return [KernelCase("cos-80", 1, 2, 32, interpreted_ok=True), KernelCase("cos-80", 1, 1, 16, interpreted_ok=True)]
-    return [KernelCase("cos-80", 256, 16, 64), KernelCase("cos-1296", 64, 16, 64)]
-
-
-def module_cases(dry: bool):
-    from .cases import _CPU_TINY_MODULE, ModuleCase
-
-    if dry:
-        return [ModuleCase("cos-80", 1, _CPU_TINY_MODULE, interpreted_ok=True)]
-    return [ModuleCase("cos-80", 256), ModuleCase("cos-1296", 64)]
-
-
-def e2e_shape(model: str) -> tuple[int, int]:
-    """(batch, caption tokens) of a stage-1 step."""
-    return (2, 16) if model == "tiny" else (16, 64)
-
-
-def e2e_case_label(model: str) -> str:
-    batch, tokens = e2e_shape(model)
-    return f"stage 1, {model} B={batch} T={tokens}"
-
-
-def _case(cases, key: str):
-    for c in cases:
-        if c.key == key:
-            return c
-    raise ValueError(f"no case {key!r}; cases: {[c.key for c in cases]}")
-
-
 def items(stage: str, group: str, dry: bool) -> list[str]:
     """The work items of one group: kernel/module: the group's implementation at every case; e2e: the
     group's model with every bridge."""
@@ -152,10 +127,10 @@ def items(stage: str, group: str, dry: bool) -> list[str]:
     if stage == "preflight":
         return ["preflight"]
     if stage == "kernel":
-        return [f"{group}@{c.key}" for c in kernel_cases(dry)]
+        return [f"{group}@{c.key}" for c in headline_kernel_cases(dry)]
     if stage == "module":
-        return [f"{group}@{c.key}" for c in module_cases(dry)]
-    return [f"{group}@{label}" for label in E2E_BRIDGES]
+        return [f"{group}@{c.key}" for c in headline_module_cases(dry)]
+    return [f"{group}@{label}" for label, _, _ in PRETRAIN_BRIDGES]
 
 
 def lost_row(stage: str, item: str, dry: bool, status: str, detail: str) -> dict | None:
@@ -163,14 +138,14 @@ def lost_row(stage: str, item: str, dry: bool, status: str, detail: str) -> dict
     dtype = "fp32" if dry else "bf16"
     name, _, key = item.partition("@")
     if stage == "kernel":
-        return row("kernel", case=_case(kernel_cases(dry), key).label, impl=name, dtype=dtype, status=status,
-                   detail=detail)
+        return row("kernel", case=case_by_key(headline_kernel_cases(dry), key).label, impl=name, dtype=dtype,
+                   status=status, detail=detail)
     if stage == "module":
-        return row("module", case=_case(module_cases(dry), key).label, impl=f"{name} (unfused and fused)",
-                   backend=name, dtype=dtype, status=status, detail=detail)
+        return row("module", case=case_by_key(headline_module_cases(dry), key).label,
+                   impl=f"{name} (unfused and fused)", backend=name, dtype=dtype, status=status, detail=detail)
     if stage == "e2e":
-        return row("e2e", case=e2e_case_label(name), bridge=key, model=name, dtype=dtype, status=status,
-                   detail=detail)
+        return row("e2e", case=headline_e2e_cases(name)[0].step_label, bridge=key, model=name, dtype=dtype,
+                   status=status, detail=detail)
     return None
 
 
@@ -218,7 +193,7 @@ def _run(cmd: list[str]) -> str:
 
 
 def stage_preflight(results: Path, dry: bool) -> None:
-    from .common import library_versions, make_env as _make_env
+    from .common import library_versions
 
     sys.path.insert(0, str(ROOT))
     from cuda_build import find_cuda_home
@@ -250,91 +225,66 @@ def stage_preflight(results: Path, dry: bool) -> None:
 
 
 # ---- kernel table ---------------------------------------------------------------------------------
-def _fault(name: str, case, cases, torch_fn):
+def _kernel_impl(name, case, cases, layout, q_shape, env):
+    """harness.kernel_impl, and the dry run's fakes: fault_raise raises in every call; fault_exit
+    ends its process at the first case, as a segfault would, and is the torch backend after."""
+    if name not in FAULTS:
+        return harness.kernel_impl(name, case, layout, q_shape, env)
+    if env.device.type != "cpu":
+        raise ValueError(f"{name} is a dry-run fake; it never runs on a GPU")
     if name == "fault_raise":
         def fn(q, k, v):
             raise RuntimeError("injected fault: this fake backend raises in every call")
-        return fn
-    if case == cases[0]:  # fault_exit: the process dies at the first case, as a segfault would
+        return fn, None
+    if case == cases[0]:
         def fn(q, k, v):
             print("fault_exit: ending the process without a word", flush=True)
             os._exit(FAULT_EXIT_CODE)
-        return fn
-    return torch_fn
-
-
-def _kernel_impl(name, case, cases, layout, q_shape, env, scale):
-    """(fn(q, k, v), None) for a backend or peer that runs here, else (None, why not)."""
-    from cos_kernels import multiscale_window_attention
-
-    from . import peers
-    from .common import backend_skip_reason
-
-    def backend_fn(backend):
-        def fn(q, k, v):
-            return multiscale_window_attention(q, k, v, layout, softmax_scale=scale, backend=backend)
-        return fn
-
-    if name in FAULTS:
-        if not env.device.type == "cpu":
-            raise ValueError(f"{name} is a dry-run fake; it never runs on a GPU")
-        return _fault(name, case, cases, backend_fn("torch")), None
-    if name in peers.PEERS:
-        reason = peers.unavailable_reason(name, env.device, env.dtype)
-        return (None, reason) if reason else (peers.make_peer(name, layout, q_shape, env.device, scale), None)
-    reason = backend_skip_reason(name, case.head_dim, case.interpreted_ok, env)
-    return (None, reason) if reason else (backend_fn(name), None)
+        return fn, None
+    return harness.kernel_impl("torch", case, layout, q_shape, env)
 
 
 class Runner:
     """What the items of one process share: the results file, the environment, the float64
-    references of the latest case (benchmarks.cases.Store) and the stage's cases."""
+    references of the latest case (harness.Store) and the stage's cases."""
 
     def __init__(self, results: Path, dry: bool, cases=()):
-        from .cases import Store
-
         self.results, self.dry, self.cases = results, dry, cases
         self.env = make_env(dry, read(results))
-        self.store = Store()
+        self.store = harness.Store()
+
+    def failed(self, stage: str, base: dict, err: Exception, what: str = "") -> None:
+        """A failed row for ``err``; ContextPoisoned where the CUDA context broke with it."""
+        append(self.results, stage, row=row(stage, **base, status="failed", detail=what + _error(err)))
+        print(f"  {' '.join(str(v) for v in base.values())}: FAILED {what}{_error(err)}", flush=True)
+        if context_poisoned():
+            raise ContextPoisoned(_error(err)) from err
 
 
 class KernelRunner(Runner):
     """Kernel items of one process: inputs and the float64 reference kept per case."""
 
     def __init__(self, results: Path, dry: bool):
-        super().__init__(results, dry, kernel_cases(dry))
+        super().__init__(results, dry, headline_kernel_cases(dry))
         self.inputs = (None, None)
 
     def _inputs(self, case, layout):
-        from .test_kernel import make_inputs
-
         if self.inputs[0] != case:
             self.inputs = (None, None)  # the old case's tensors go before the new ones are made
-            self.inputs = (case, make_inputs(case, layout, self.env, "contiguous", requires_grad=True))
+            self.inputs = (case, harness.kernel_inputs(case, layout, self.env, "contiguous", requires_grad=True))
         return self.inputs[1]
 
     def _row(self, **values) -> None:
-        append(self.results, "kernel", row=row("kernel", dtype=self.env.dtype_name, **values))
-
-    def _copy_fraction(self, floor: float, ms: float | None) -> float | None:
-        """floor bytes moved in ``ms``, as a fraction of the measured copy bandwidth."""
-        copy = self.env.copy_bytes_per_s
-        return floor / (ms * 1e-3) / copy if copy and ms else None
+        append(self.results, "kernel", row=row("kernel", **values))
 
     def __call__(self, item: str) -> None:
-        from cos_kernels import CoSConfig
-
-        from .test_kernel import _validate, floor_bytes
-
         name, _, key = item.partition("@")
-        case, env = _case(self.cases, key), self.env
-        layout = CoSConfig.from_preset(case.preset).layout
-        scale = case.head_dim ** -0.5
-        base = dict(case=case.label, impl=name)
+        case, env = case_by_key(self.cases, key), self.env
+        layout = harness.kernel_layout(case)
+        base = dict(case=case.label, impl=name, dtype=env.dtype_name)
         q, views, leaves, dout = self._inputs(case, layout)
-        k, v = views()
         try:
-            fn, reason = _kernel_impl(name, case, self.cases, layout, tuple(q.shape), env, scale)
+            fn, reason = _kernel_impl(name, case, self.cases, layout, tuple(q.shape), env)
         except Exception as err:  # noqa: BLE001 - a peer that cannot be built is a result too
             fn, reason = None, f"could not be built: {_error(err)}"
         if fn is None:
@@ -342,53 +292,50 @@ class KernelRunner(Runner):
             print(f"  {case.label} {name}: skipped ({reason})", flush=True)
             return
         try:
-            errors = _validate(self.store, name, fn, case, layout, scale, env, "contiguous")
+            errors = harness.validate_kernel(self.store, name, fn, case, layout, env, "contiguous")
         except Exception as err:  # noqa: BLE001 - wrong or broken: recorded, never timed
-            self._row(**base, status="failed", detail=f"validation: {_error(err)}")
-            print(f"  {case.label} {name}: FAILED validation: {_error(err)}", flush=True)
+            self.failed("kernel", base, err, "validation: ")
             return
         worst = max(e["error"] for e in errors.values())
         for pass_ in PASSES:
-            self._time_pass(base, case, layout, fn, q, k, v, dout, leaves, pass_, worst, floor_bytes(case, layout, env, pass_))
+            self._time_pass(base, case, layout, harness.kernel_pass(fn, q, views, dout, pass_), leaves, pass_, worst)
         if name in FUSED:
-            self._time_launches(base, case, layout, fn, q, k, v, dout, leaves, worst)
+            self._time_launches(base, case, layout, harness.kernel_pass(fn, q, views, dout, "bwd"), leaves, worst)
 
-    def _time_pass(self, base, case, layout, fn, q, k, v, dout, leaves, pass_, worst, floor) -> None:
-        from .device_timing import eager_times, graph_times, spread
-
-        env = self.env
+    def _time_pass(self, base, case, layout, calls, leaves, pass_, worst) -> None:
+        """Eager calls, then the same calls in a CUDA graph (setup() run on the capture stream)."""
+        setup, run = calls
+        env, floor = self.env, harness.kernel_floor_bytes(case, layout, self.env.dtype, pass_)
         try:
-            lo, med, hi = spread(eager_times(env, _pass_fn(fn, q, k, v, dout, pass_)(), leaves))
+            state = setup()
+            lo, med, hi = spread(eager_times(env, lambda: run(state), leaves))
         except Exception as err:  # noqa: BLE001
-            self._row(**base, **{"pass": pass_}, status="failed", max_rel_error=worst, detail=_error(err))
-            print(f"  {case.label} {base['impl']} {pass_}: FAILED: {_error(err)}", flush=True)
-            if context_poisoned():
-                raise ContextPoisoned(_error(err)) from err
+            self.failed("kernel", {**base, "pass": pass_, "max_rel_error": worst}, err)
             return
         graph, note = (None, None, None), None
         if env.is_cuda:
             try:
-                graph = spread(graph_times(env, _pass_fn(fn, q, k, v, dout, pass_), leaves))
+                graph = spread(graph_times(env, lambda: functools.partial(run, setup()), leaves))
             except Exception as err:  # noqa: BLE001 - the eager numbers stand without it
                 note = f"CUDA graph: {_error(err)}"
                 if context_poisoned():
                     raise ContextPoisoned(note) from err
-        gbps = floor / (med * 1e-3) / 1e9
+        copy = env.copy_bytes_per_s
+        r = rates(floor, harness.kernel_flops(case, layout, pass_), med, copy)
         self._row(**base, **{"pass": pass_}, status="ok", median_ms=med, min_ms=lo, max_ms=hi, graph_ms=graph[1],
-                  graph_min_ms=graph[0], graph_max_ms=graph[2], bytes_floor=floor, GBps=gbps,
-                  copy_fraction=self._copy_fraction(floor, med),
-                  graph_copy_fraction=self._copy_fraction(floor, graph[1]), max_rel_error=worst, detail=note)
+                  graph_min_ms=graph[0], graph_max_ms=graph[2], bytes_floor=floor, **r,
+                  graph_copy_fraction=rates(floor, None, graph[1], copy)["copy_fraction"], max_rel_error=worst,
+                  detail=note)
         print(f"  {case.label} {base['impl']:12s} {pass_:6s} {med:9.4f} ms [{lo:.4f}, {hi:.4f}]  graph "
-              f"{'-' if graph[1] is None else format(graph[1], '.4f')} ms  {gbps:8.1f} GB/s", flush=True)
+              f"{'-' if graph[1] is None else format(graph[1], '.4f')} ms  {r['GBps']:8.1f} GB/s", flush=True)
 
-    def _time_launches(self, base, case, layout, fn, q, k, v, dout, leaves, worst) -> None:
+    def _time_launches(self, base, case, layout, calls, leaves, worst) -> None:
         """The backward's dQ+delta and dK/dV launches apart, each against its own floor."""
-        from .device_timing import launch_times, spread
-        from .test_kernel import floor_bytes
-
+        setup, run = calls
         env = self.env
         try:
-            launches = launch_times(env, _pass_fn(fn, q, k, v, dout, "bwd")(), leaves, calls=10 if env.is_cuda else 2)
+            state = setup()
+            launches = launch_times(env, lambda: run(state), leaves, calls=10 if env.is_cuda else 2)
         except Exception as err:  # noqa: BLE001
             status = "skipped" if not env.is_cuda else "failed"
             for pass_ in LAUNCH_PASSES:
@@ -404,27 +351,11 @@ class KernelRunner(Runner):
                           detail=f"no {pass_} launch found once per call (found {sorted(launches)})")
                 continue
             lo, med, hi = spread(launches[pass_])
-            floor = floor_bytes(case, layout, env, pass_)
+            floor = harness.kernel_floor_bytes(case, layout, env.dtype, pass_)
             self._row(**base, **{"pass": pass_}, status="ok", median_ms=med, min_ms=lo, max_ms=hi, bytes_floor=floor,
-                      GBps=floor / (med * 1e-3) / 1e9, copy_fraction=self._copy_fraction(floor, med),
-                      max_rel_error=worst, detail=f"device time from the profiler; other kernels {other:.4f} ms per call")
+                      **rates(floor, None, med, env.copy_bytes_per_s), max_rel_error=worst,
+                      detail=f"device time from the profiler; other kernels {other:.4f} ms per call")
             print(f"  {case.label} {base['impl']:12s} {pass_:8s} {med:9.4f} ms (device)", flush=True)
-
-
-def _pass_fn(fn, q, k, v, dout, pass_: str):
-    """make() -> the callable timed for ``pass_``; bwd builds its forward graph when make() runs (on
-    the stream it runs on: the CUDA-graph capture stream)."""
-    def make():
-        if pass_ == "fwd":
-            def run():
-                with torch.no_grad():
-                    fn(q, k, v)
-            return run
-        if pass_ == "bwd":
-            out = fn(q, k, v)
-            return lambda: out.backward(dout, retain_graph=True)
-        return lambda: fn(q, k, v).backward(dout)
-    return make
 
 
 # ---- module table ---------------------------------------------------------------------------------
@@ -432,20 +363,15 @@ class ModuleRunner(Runner):
     """Module items of one process: the backend's unfused and fused resampler at one case."""
 
     def __init__(self, results: Path, dry: bool):
-        super().__init__(results, dry, module_cases(dry))
+        super().__init__(results, dry, headline_module_cases(dry))
 
     def __call__(self, item: str) -> None:
-        from cos_kernels import CoSConfig
-
-        from .common import backend_skip_reason
-
         backend, _, key = item.partition("@")
-        case, env = _case(self.cases, key), self.env
-        cfg = CoSConfig.from_preset(case.preset, **dict(case.overrides))
+        case, env = case_by_key(self.cases, key), self.env
+        reason = backend_skip_reason(backend, harness.module_config(case).head_dim, case.interpreted_ok, env)
         for fused in (False, True):
             base = dict(case=case.label, impl=f"{backend} {'fused' if fused else 'unfused'}", backend=backend,
-                        fused=fused, dtype=env.dtype_name)
-            reason = backend_skip_reason(backend, cfg.head_dim, case.interpreted_ok, env)
+                        fused=fused, dtype=env.dtype_name, **{"pass": "fwdbwd"})
             if reason:
                 append(self.results, "module", row=row("module", **base, status="skipped", detail=reason))
                 continue
@@ -453,10 +379,7 @@ class ModuleRunner(Runner):
             try:
                 r = self._measure(case, backend, fused)
             except Exception as err:  # noqa: BLE001
-                append(self.results, "module", row=row("module", **base, status="failed", detail=_error(err)))
-                print(f"  {case.label} {base['impl']}: FAILED: {_error(err)}", flush=True)
-                if context_poisoned():
-                    raise ContextPoisoned(_error(err)) from err
+                self.failed("module", base, err)
                 continue
             finally:
                 _free(env)
@@ -467,59 +390,23 @@ class ModuleRunner(Runner):
         self.store.drop_reference()
 
     def _measure(self, case, backend: str, fused: bool) -> dict:
-        from .common import count_matmul_flops, peak_bytes
-        from .device_timing import eager_times, spread
-        from .test_module import _validate, attention_flops, build, features, floor_bytes
-
         env = self.env
-        model = build(case, backend, fused, env.device, env.dtype)
-        errors = _validate(self.store, case, backend, fused, model, env)
-        feats = features(model, case.batch, env.device, env.dtype, seed=0)
-        dout = torch.randn(case.batch, model.num_tokens, model.config.llm_dim, device=env.device, dtype=env.dtype)
-        params = list(model.parameters())
-
-        def step():
-            model(feats).backward(dout)
-
-        lo, med, hi = spread(eager_times(env, step, params, rep_ms=300))
+        model = harness.build_resampler(case, backend, fused, env.device, env.dtype)
+        errors = harness.validate_module(self.store, case, backend, fused, model, env)
+        feats, dout = harness.module_inputs(model, case.batch, env, seed=0)
+        _, run = harness.module_pass(model, feats, dout, "fwdbwd")
+        lo, med, hi = spread(eager_times(env, lambda: run(None), list(model.parameters()), rep_ms=300))
         model.zero_grad(set_to_none=True)
-        peak, _ = peak_bytes(env, step)
+        peak, _ = peak_bytes(env, lambda: run(None))
         model.zero_grad(set_to_none=True)
-        matmul = count_matmul_flops(step)
-        model.zero_grad(set_to_none=True)
-        flops = None if matmul is None else matmul + attention_flops(model, case.batch, "fwdbwd")
-        nbytes = floor_bytes(model, feats, case.batch, env.dtype, "fwdbwd")
-        floor_s = nbytes / env.copy_bytes_per_s
-        if flops is not None:
-            floor_s = max(floor_s, flops / env.matmul_peak())
-        worst = max(errors["out"]["error"], errors["worst_param_grad"]["error"])
+        flops = harness.module_flops(model, feats, dout, "fwdbwd")
+        nbytes = harness.module_floor_bytes(model, feats, env.dtype, "fwdbwd")
         return dict(median_ms=med, min_ms=lo, max_ms=hi, peak_mem_MiB=None if peak is None else peak / 2**20,
-                    floor_bytes=nbytes, floor_flops=flops, floor_ms=floor_s * 1e3, max_rel_error=worst,
-                    detail=f"worst parameter grad: {errors['worst_param_grad']['name']}")
+                    floor_bytes=nbytes, floor_flops=flops, floor_ms=harness.module_floor_ms(env, nbytes, flops),
+                    **harness.module_errors(errors))
 
 
 # ---- stage-1 step table ---------------------------------------------------------------------------
-def build_mllm(model: str, bridge: str, px: int, env, backend: str):
-    """CoSMLLM initialised on the device (nothing of it on the host: a random 7B would need 27 GB there),
-    then the frozen ViT and LLM cast to the session dtype, the bridge kept fp32 (the trainer's bf16
-    precision). The tiny model's image side follows the paper's px (64 px is its 224)."""
-    from cos_kernels.mllm import CoSMLLM, MLLMConfig
-
-    if model == "tiny":
-        cfg = MLLMConfig.from_preset("tiny", bridge=bridge, image_size=64 * px // 224)
-    else:
-        cfg = MLLMConfig.from_preset(f"vitl14-{px}-{model}", bridge=bridge)
-    with torch.device(env.device):
-        net = CoSMLLM(cfg, backend=backend)
-    stray = [n for n, p in net.named_parameters() if p.device != env.device]
-    if stray:
-        raise RuntimeError(f"{len(stray)} parameters were not created on {env.device} (first: {stray[0]})")
-    if env.dtype != torch.float32:
-        net.vision.to(env.dtype)
-        net.llm.to(env.dtype)
-    return net, cfg
-
-
 class E2ERunner(Runner):
     """Stage-1 step items of one process (one model size), the resampler on ``backend``."""
 
@@ -529,62 +416,38 @@ class E2ERunner(Runner):
 
     def __call__(self, item: str) -> None:
         model_size, _, label = item.partition("@")
-        bridge, px = E2E_BRIDGES[label]
-        env = self.env
-        batch, tokens = e2e_shape(model_size)
-        resampler = not bridge.startswith(("linear", "mlp"))
-        base = dict(case=e2e_case_label(model_size), bridge=label, model=model_size,
-                    backend=self.backend if resampler else None, dtype=env.dtype_name)
+        case = next(c for c in headline_e2e_cases(model_size) if c.label_bridge == label)
+        resampler = not case.bridge.startswith(("linear", "mlp"))
+        base = dict(case=case.step_label, bridge=label, model=model_size,
+                    backend=self.backend if resampler else None, dtype=self.env.dtype_name)
         t0 = time.perf_counter()
         try:
-            r = self._measure(model_size, bridge, px, batch, tokens)
+            r = self._measure(case)
         except Exception as err:  # noqa: BLE001
-            append(self.results, "e2e", row=row("e2e", **base, status="failed", detail=_error(err)))
-            print(f"  {label}: FAILED: {_error(err)}", flush=True)
             traceback.print_exc()
-            if context_poisoned():
-                raise ContextPoisoned(_error(err)) from err
+            self.failed("e2e", base, err)
             return
         finally:
-            _free(env)
+            _free(self.env)
         append(self.results, "e2e", row=row("e2e", **base, status="ok", **r))
         print(f"  {model_size} {label:14s} step {r['step_ms']:9.2f} ms [{r['min_ms']:.2f}, {r['max_ms']:.2f}]  "
               f"{r['samples_per_s']:8.1f} samples/s  bridge {r['bridge_fwdbwd_ms']:7.2f} ms  peak "
               f"{r['peak_mem_GiB'] or 0:.1f} GiB  ({time.perf_counter() - t0:.1f} s)", flush=True)
 
-    def _measure(self, model_size, bridge, px, batch, tokens) -> dict:
-        from .cases import E2ECase
-        from .common import count_matmul_flops
-        from .device_timing import eager_times, spread
-        from .test_e2e import _bridge_time, attention_flops, make_batch
-
+    def _measure(self, case) -> dict:
         env = self.env
-        case = E2ECase("pretrain", model_size, bridge, bridge, px, batch, tokens)
-        net, cfg = build_mllm(model_size, bridge, px, env, self.backend)
-        net.train()
-        net.llm.requires_grad_(False)
-        trainable = [p for p in net.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(trainable, lr=1e-3, weight_decay=0.0)
-        data = make_batch(net, case, env)
-        autocast = torch.autocast(env.device.type, dtype=env.dtype, enabled=env.dtype != torch.float32)
-
-        def step():
-            with autocast:
-                loss_sum, n = net(**data)
-            (loss_sum / n).backward()
-            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
+        net, cfg = harness.build_mllm(case, env, self.backend)
+        data = harness.make_batch(net, case, env)
+        step, _ = harness.train_step(net, case, env, data)
         if env.is_cuda:  # the steps' peak (weights, optimizer state, activations), not the fp32 init's
             torch.cuda.reset_peak_memory_stats(env.device)
         lo, med, hi = spread(eager_times(env, step, rep_ms=1500, max_calls=10))
         peak = torch.cuda.max_memory_allocated(env.device) / 2**30 if env.is_cuda else None
         matmul = count_matmul_flops(step)
-        flops = None if matmul is None else matmul + attention_flops(net, case)
-        _, bridge_s = _bridge_time(net, data, env, reps=5 if env.is_cuda else 2)
-        return dict(step_ms=med, min_ms=lo, max_ms=hi, samples_per_s=batch / (med * 1e-3),
-                    bridge_fwdbwd_ms=bridge_s * 1e3, bridge_share=bridge_s * 1e3 / med,
+        flops = None if matmul is None else matmul + harness.e2e_attention_flops(net, case)
+        bridge_ms = median_s(env, harness.bridge_step(net, data, env), 5 if env.is_cuda else 2) * 1e3
+        return dict(step_ms=med, min_ms=lo, max_ms=hi, samples_per_s=case.batch / (med * 1e-3),
+                    bridge_fwdbwd_ms=bridge_ms, bridge_share=bridge_ms / med,
                     mfu=None if flops is None else flops / (med * 1e-3) / env.matmul_peak(), peak_mem_GiB=peak,
                     visual_tokens=net.num_visual_tokens,
                     detail=f"{cfg.image_size} px, grid {cfg.grid}, matmul peak {env.matmul_peak() / 1e12:.1f} TFLOP/s")

@@ -14,7 +14,8 @@ differentiable, and is built once per (layout, shape) by ``make_peer`` with what
                 window-contiguous order first (part of the timed call), q used as is. fp16/bf16 only,
                 needs the flash_attn package and a CUDA device.
 
-Every peer is checked against the torch backend before it is timed (test_kernel.py).
+Every peer is checked against a float64 run of the torch backend before it is timed
+(harness.validate_kernel).
 """
 
 from __future__ import annotations
@@ -49,7 +50,10 @@ def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype) -> s
         if device.type != "cuda":
             return "compiled FlexAttention is benchmarked on a GPU only (its CPU path is not the peer)"
         try:
-            from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: F401
+            from torch.nn.attention.flex_attention import (  # noqa: F401
+                create_block_mask,
+                flex_attention,
+            )
         except ImportError as err:
             return f"torch.nn.attention.flex_attention unavailable ({err})"
         return None

@@ -21,7 +21,9 @@ sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT))
 
 import gpu_check  # noqa: E402
+
 from benchmarks import device_timing, gpu_results, gpu_summary, headline  # noqa: E402
+from benchmarks.cases import PRETRAIN_BRIDGES, headline_kernel_cases  # noqa: E402
 
 pytest_plugins = ["pytester"]
 
@@ -48,7 +50,7 @@ def test_dry_run_writes_every_file_and_column(dry_run):
     for stage, group in groups:  # every group prints its wall time
         assert f"== {stage} {group}: " in result.stdout
     kernel = gpu_results.rows(entries, "kernel")
-    cases = [c.label for c in headline.kernel_cases(dry=True)]
+    cases = [c.label for c in headline_kernel_cases(dry=True)]
     assert {r["impl"] for r in kernel} == set(headline.KERNEL_IMPLS) | set(headline.FAULTS)
     ok = {(r["case"], r["impl"], r["pass"]) for r in kernel if r["status"] == "ok"}
     assert ok >= {(c, i, p) for c in cases for i in ("triton", "torch", "sdpa_mask") for p in headline.PASSES}
@@ -68,7 +70,7 @@ def test_dry_run_a_crash_costs_only_its_own_rows(dry_run):
     out, result, _ = dry_run
     entries = gpu_results.read(out / "results.jsonl")
     kernel = gpu_results.rows(entries, "kernel")
-    first, second = [c.label for c in headline.kernel_cases(dry=True)]
+    first, second = [c.label for c in headline_kernel_cases(dry=True)]
     raised = [r for r in kernel if r["impl"] == "fault_raise"]
     assert len(raised) == 2 and all(r["status"] == "failed" and "injected fault" in r["detail"] for r in raised)
     died = [r for r in kernel if r["impl"] == "fault_exit"]
@@ -77,7 +79,7 @@ def test_dry_run_a_crash_costs_only_its_own_rows(dry_run):
     assert f"exited with code {headline.FAULT_EXIT_CODE}" in lost[0]["detail"] and "during this item" in lost[0]["detail"]
     assert {r["pass"] for r in died if r["case"] == second and r["status"] == "ok"} == set(headline.PASSES)
     status = {(e["stage"], e["group"]): e["status"] for e in gpu_results.stage_statuses(entries)}
-    assert status["kernel", "fault_exit"] == f"fault_exit@{headline.kernel_cases(True)[0].key}: exited with code 7"
+    assert status["kernel", "fault_exit"] == f"fault_exit@{headline_kernel_cases(True)[0].key}: exited with code 7"
     assert status["kernel", "fault_raise"] == "ok"  # its process went on: both items ended
     # the groups after the crash still ran, in the plan's order: peers and torch, then the fused
     # backends, e2e, flex; the tests after every measurement
@@ -100,13 +102,14 @@ def test_dry_run_module_e2e_and_summary(dry_run):
         assert 0 < r["floor_ms"] < r["median_ms"]  # nothing beats its floor
     assert module["cuda fused"]["status"] == "skipped"
     e2e = {r["bridge"]: r for r in gpu_results.rows(entries, "e2e")}
-    assert set(e2e) == set(headline.E2E_BRIDGES) and all(r["status"] == "ok" for r in e2e.values())
+    assert set(e2e) == {label for label, _, _ in PRETRAIN_BRIDGES} and all(r["status"] == "ok" for r in e2e.values())
     assert e2e["cos-80"]["backend"] == "torch" and e2e["linear-256"]["backend"] is None
     assert e2e["cos-80"]["visual_tokens"] == 80 and e2e["mlp-576"]["visual_tokens"] == 576
     ratios = gpu_summary.e2e_ratios(list(e2e.values()))
-    assert ratios["tiny", "resampler-336"][0] == 1 and ratios["tiny", "mlp-576"][1] == 1
+    step = e2e["cos-80"]["case"]
+    assert ratios[step, "resampler-336"][0] == 1 and ratios[step, "mlp-576"][1] == 1
     summary = (out / "SUMMARY.md").read_text()
-    for title in ("## Targets", "## Kernel", "## Module", "## Stage-1 step", "## GPU tests", "| tests | cuda | ok |",
+    for title in ("## Targets", "## Kernel", "## Module", "## Training step", "## GPU tests", "| tests | cuda | ok |",
                   "| kernel | flex | ok |", "vs mlp-576", "graph ms"):
         assert title in summary
     assert (out / "kernel.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -184,13 +187,13 @@ def test_measurements_stop_at_their_share_of_the_budget(tmp_path):
     status = check.group(gpu_check.Step("kernel", "torch", 1))
     assert status.endswith("not run: no time left")
     kernel = gpu_results.rows(gpu_results.read(tmp_path / "results.jsonl"), "kernel")
-    assert [r["status"] for r in kernel] == ["not run"] * len(headline.kernel_cases(True))
+    assert [r["status"] for r in kernel] == ["not run"] * len(headline_kernel_cases(True))
     assert all(r["impl"] == "torch" and r["case"] for r in kernel)
 
 
 def test_an_item_running_when_the_measurements_time_ends_is_stopped_not_failed(tmp_path):
     check = _fake_check(tmp_path, budget_s=7.0)
-    key = headline.kernel_cases(True)[0].key  # kernel items named as the real ones, so they get rows
+    key = headline_kernel_cases(True)[0].key  # kernel items named as the real ones, so they get rows
     status = check.group(gpu_check.Step("kernel", "torch", 1, item_cap_s=60, items=(f"hang@{key}", f"torch@{key}")))
     entries = gpu_results.read(tmp_path / "results.jsonl")
     lost = {e["item"]: e["reason"] for e in gpu_results.events(entries) if e["event"] == "lost"}
@@ -353,7 +356,7 @@ def test_an_item_that_poisons_the_context_ends_the_process(tmp_path):
 
 def test_an_item_that_raises_gets_a_failed_row_and_the_next_runs(tmp_path):
     results = tmp_path / "results.jsonl"
-    key = headline.kernel_cases(True)[0].key
+    key = headline_kernel_cases(True)[0].key
 
     def run_one(item):
         if item.startswith("torch"):
@@ -411,7 +414,8 @@ def test_summary_ratios_targets_and_the_fused_order():
               k("b16", "cuda", "fwdbwd", None, dtype="fp16", status="failed")]
     assert gpu_summary.fused_order(kernel) == {"bf16": ["triton", "cuda"], "fp16": ["triton"]}
     assert gpu_summary.kernel_speedups(kernel)["a", "triton", "fwdbwd"] == (1.5, 1.25)
-    module = [gpu_results.row("module", case="m", impl=impl, status="ok", median_ms=ms, peak_mem_MiB=mem)
+    module = [gpu_results.row("module", case="m", impl=impl, status="ok", median_ms=ms, peak_mem_MiB=mem,
+                              **{"pass": "fwdbwd"})
               for impl, ms, mem in (("torch unfused", 10.0, 100.0), ("triton fused", 4.0, 60.0))]
     e2e = [gpu_results.row("e2e", case="s", model="7b", bridge=b, status="ok", step_ms=ms, bridge_share=share)
            for b, ms, share in (("resampler-336", 100.0, 0.05), ("cos-80", 38.0, 0.02), ("mlp-576", 160.0, 0.0))]
