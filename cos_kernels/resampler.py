@@ -347,26 +347,33 @@ class MultiScaleResampler(nn.Module):
         dtype: torch.dtype | None = None, device: str | torch.device | None = None,
         allow_nonfinite: bool = False,
     ) -> "MultiScaleResampler":
-        """Load a resampler from ``path``: a directory save_pretrained wrote, or the bridge of a
-        cos-train run (its latest checkpoint), its checkpoints/ directory or one checkpoint.
+        """Load a resampler from a directory save_pretrained wrote (a cos-train checkpoint's bridge/
+        folder is one; cos_kernels.train.load_bridge loads a run's or a checkpoint's bridge after
+        verifying the checkpoint). A config.json that disagrees with the weights (their recorded
+        layout and config, their shapes) is refused, and so are weights holding NaN or Inf unless
+        ``allow_nonfinite``.
 
-        dtype: the parameters' floating-point dtype (default: the one they were saved in); device:
-        where they go (default: the CPU). Weights that do not match their config are refused, and so
-        are weights holding NaN or Inf unless ``allow_nonfinite``.
+        Args:
+            path: the directory (a str, bytes or os.PathLike).
+            backend, fused: as for MultiScaleResampler.
+            dtype: the parameters' floating-point dtype (default: the one they were saved in).
+            device: where they go (default: the CPU).
+            allow_nonfinite: load weights holding NaN or Inf.
+        Returns:
+            the MultiScaleResampler: (B, N, vision_dim) features per level -> (B, num_tokens, llm_dim).
         """
         _check_dtype_device(dtype, device)
         path = Path(os.fsdecode(path))
         if not path.exists():
-            raise FileNotFoundError(
-                f"{path} does not exist: expected a directory save_pretrained wrote ({CONFIG_NAME} and "
-                f"{WEIGHTS_NAME}), or a cos-train run, its checkpoints/ directory or one checkpoint"
-            )
-        if _is_saved_resampler(path):
-            config, state, where = _read_saved(path)
-        else:  # the training run's format is the layer above this one's: imported only when asked for
-            from .train.export import read_bridge
-
-            config, state, where = read_bridge(path)
+            raise FileNotFoundError(f"{path} does not exist: expected a directory save_pretrained wrote "
+                                    f"({CONFIG_NAME} and {WEIGHTS_NAME})")
+        if not _is_saved_resampler(path):
+            raise ValueError(
+                f"{path} is neither a directory save_pretrained wrote (a resampler's {CONFIG_NAME} and "
+                f"{WEIGHTS_NAME}; a cos-train checkpoint holds one as bridge/) nor anything else from_pretrained "
+                f"reads: load the bridge of a cos-train run, its checkpoints/ directory or one checkpoint with "
+                f"cos_kernels.train.load_bridge({str(path)!r}), which verifies the checkpoint first")
+        config, state, where = _read_saved(path)
         return cls.from_state_dict(config, state, backend, fused, dtype=dtype, device=device, where=where,
                                    allow_nonfinite=allow_nonfinite)
 
@@ -481,8 +488,9 @@ def read_safetensors(path: Path, expected: str) -> tuple[dict[str, torch.Tensor]
 
 def _is_saved_resampler(path: Path) -> bool:
     """Whether ``path`` holds what save_pretrained writes: config.json and model.safetensors, where
-    config.json is not a training checkpoint's (a JSON object of model / train configs). A broken
-    config.json counts as save_pretrained's, so that reading it reports what is wrong with it."""
+    config.json is not a cos-train checkpoint's (a JSON object with a "train" entry; the checkpoint's
+    bridge/ folder is the resampler's). A broken config.json counts as save_pretrained's, so that
+    reading it reports what is wrong with it."""
     if not ((path / WEIGHTS_NAME).is_file() and (path / CONFIG_NAME).is_file()):
         return False
     try:
