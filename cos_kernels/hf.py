@@ -265,7 +265,10 @@ class CoSLlavaProcessor(LlavaProcessor):
     """
 
     def __init__(self, image_processor=None, tokenizer=None, num_image_tokens: int | None = None, **kwargs):
-        self.num_image_tokens = positive_int(num_image_tokens, "num_image_tokens")
+        try:
+            self.num_image_tokens = positive_int(num_image_tokens, "num_image_tokens")
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"{err} (the resampler's num_tokens, config.image_seq_length)") from None
         super().__init__(image_processor, tokenizer, **kwargs)
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
