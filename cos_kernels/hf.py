@@ -20,22 +20,30 @@ from __future__ import annotations
 from dataclasses import replace
 
 import torch
-from transformers import (AutoConfig, AutoModelForImageTextToText, AutoProcessor, LlavaConfig,
+from torch import nn
+from transformers import (AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor, LlavaConfig,
                           LlavaForConditionalGeneration, LlavaModel, LlavaProcessor)
+from transformers.models.llava.modeling_llava import LlavaPreTrainedModel
 from transformers.processing_utils import MultiModalData
 
 from .config import PRESETS, CoSConfig
 from .ops import BACKENDS
 from .resampler import MultiScaleResampler
+from .validation import one_of, positive_int
 
 __all__ = ["CoSLlavaConfig", "CoSLlavaForConditionalGeneration", "CoSLlavaModel", "CoSLlavaProcessor",
            "resampler_config", "check_feature_layers", "check_image_tokens"]
 
 
 class CoSLlavaConfig(LlavaConfig):
-    """LlavaConfig with ``resampler``: the projector's CoSConfig, given as a preset name (its windows
-    rescaled to the vision tower's grid; widths and levels taken from the sub-configs), a CoSConfig
-    or its dict; stored as the dict. ``resampler_backend`` names its attention backend ("auto").
+    """LlavaConfig with a MultiScaleResampler for the projector.
+
+    Args:
+        resampler: the projector's CoSConfig: a preset name (its windows rescaled to the vision
+            tower's grid; widths and levels taken from the sub-configs), a CoSConfig or its dict;
+            stored as the dict (see resampler_config).
+        resampler_backend: its attention backend, one of cos_kernels.ops.BACKENDS (default "auto").
+        **kwargs: LlavaConfig's (vision_config, text_config, vision_feature_layer, ...).
 
     image_seq_length is set to the resampler's number of tokens. Where a given CoSConfig disagrees
     with the vision tower (width, patch size, grid), the text model (width) or vision_feature_layer
@@ -53,15 +61,21 @@ class CoSLlavaConfig(LlavaConfig):
         resampler = resampler_config(self)
         self.resampler = resampler.to_dict()
         self.image_seq_length = resampler.num_tokens
-        self.resampler_backend = getattr(self, "resampler_backend", "auto")
-        if self.resampler_backend not in BACKENDS:
-            raise ValueError(f"CoSLlavaConfig.resampler_backend must be one of {list(BACKENDS)}, got "
-                             f"{self.resampler_backend!r}")
+        self.resampler_backend = one_of(getattr(self, "resampler_backend", "auto"), BACKENDS,
+                                        "CoSLlavaConfig.resampler_backend")
 
 
 def resampler_config(config: LlavaConfig) -> CoSConfig:
-    """The CoSConfig of ``config.resampler`` (a preset name, a CoSConfig or its dict), checked against
-    the rest of the LLaVA config; concat_levels and drop_cls on (LLaVA's feature form)."""
+    """The projector's CoSConfig, checked against the rest of the LLaVA config.
+
+    Args:
+        config: a LlavaConfig with ``resampler`` (a preset name, a CoSConfig or its dict).
+    Returns:
+        the CoSConfig, concat_levels and drop_cls on (LLaVA's feature form: (B, N + 1,
+        num_levels * vision hidden size) with the CLS token, or (B, N, ...) without), its vision_dim,
+        patch_size, grid, llm_dim and num_levels those of the vision tower, the text model and
+        vision_feature_layer (a preset takes them; a given CoSConfig that differs is a ValueError).
+    """
     check_feature_layers(config)
     vision, text = config.vision_config, config.text_config
     layers = config.vision_feature_layer
@@ -92,7 +106,11 @@ def check_feature_layers(config: LlavaConfig) -> None:
     """ValueError naming vision_feature_layer unless it is an index into the vision tower's hidden
     states, or a non-empty list of them: num_hidden_layers + 1 entries (the embeddings, then each
     layer's output), negative indices counting from the end as in LLaVA. (Its type, int or list of
-    ints, is checked by the config's dataclass.)"""
+    ints, is checked by the config's dataclass.)
+
+    Args:
+        config: a LlavaConfig (vision_feature_layer, vision_config.num_hidden_layers).
+    """
     layers, depth = config.vision_feature_layer, getattr(config.vision_config, "num_hidden_layers", None)
     entries = [layers] if isinstance(layers, int) else layers
     if not entries:
@@ -107,8 +125,14 @@ def check_feature_layers(config: LlavaConfig) -> None:
 
 def check_image_tokens(input_ids: torch.Tensor, feature_tokens: int, config: LlavaConfig) -> None:
     """ValueError naming the sample unless each row of ``input_ids`` holds config.image_seq_length
-    image tokens (config.image_token_id) per image, and all rows together as many as the images give
-    (``feature_tokens``: the projected features' token count)."""
+    image tokens (config.image_token_id) per image, and all rows together as many as the images give.
+
+    Args:
+        input_ids: (B, S) token ids.
+        feature_tokens: the projected features' token count, num_images * image_seq_length for
+            image features (num_images, image_seq_length, D).
+        config: the model's LlavaConfig (image_seq_length, image_token_id).
+    """
     per_image, token = config.image_seq_length, config.image_token_id
     counts = (input_ids == token).sum(-1).tolist()
     for i, count in enumerate(counts):
@@ -128,8 +152,33 @@ def _images(n: int) -> str:
 
 
 class CoSLlavaModel(LlavaModel):
-    """LlavaModel whose placeholder check names the sample whose image-token count is wrong
-    (check_image_tokens) before LLaVA's own check (one total for the batch)."""
+    """LlavaModel whose multi_modal_projector is a MultiScaleResampler, built in the place of LLaVA's
+    (which is never made), and whose placeholder check names the sample whose image-token count is
+    wrong (check_image_tokens) before LLaVA's own check (one total for the batch).
+
+    Args:
+        config: a CoSLlavaConfig with a resampler.
+
+    The projector maps LLaVA's selected features (B, N or N + 1, num_levels * vision hidden size) to
+    (B, num_tokens, text hidden size).
+    """
+
+    def __init__(self, config: CoSLlavaConfig):
+        LlavaPreTrainedModel.__init__(self, config)  # LlavaModel.__init__, the resampler for LLaVA's projector
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.multi_modal_projector = MultiScaleResampler(CoSConfig.from_dict(config.resampler),
+                                                         backend=config.resampler_backend)
+        self.language_model = AutoModel.from_config(config.text_config)
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """The resampler's own initialisation for its modules (MultiScaleResampler.reset_module),
+        LLaVA's elsewhere; weights loaded by from_pretrained are kept (transformers' guard)."""
+        resampler = self.multi_modal_projector
+        if any(module is m for m in resampler.modules()):
+            resampler.reset_module(module)
+        else:
+            super()._init_weights(module)
 
     def get_placeholder_mask(self, input_ids, inputs_embeds, image_features):
         if input_ids is not None and not torch.compiler.is_compiling():  # .tolist() would break a graph
@@ -138,9 +187,17 @@ class CoSLlavaModel(LlavaModel):
 
 
 class CoSLlavaForConditionalGeneration(LlavaForConditionalGeneration):
-    """LlavaForConditionalGeneration whose multi_modal_projector is a MultiScaleResampler; forward,
-    backward, generate, save_pretrained and from_pretrained as LLaVA's. Its ``model`` is a
-    CoSLlavaModel: a prompt whose image-token count does not fit its images is refused naming it."""
+    """LlavaForConditionalGeneration whose multi_modal_projector is a MultiScaleResampler (its
+    ``model`` is a CoSLlavaModel); forward, backward, generate, save_pretrained and from_pretrained
+    as LLaVA's. A prompt whose image-token count does not fit its images is refused naming it.
+
+    Args:
+        config: a CoSLlavaConfig with a resampler.
+
+    forward(input_ids (B, S), pixel_values (num_images, 3, H, W), attention_mask (B, S), labels
+    (B, S), ...) -> LLaVA's output, logits (B, S, vocab size): each image's resampler tokens
+    (image_seq_length of them) take the places of its image tokens in input_ids.
+    """
 
     config_class = CoSLlavaConfig
 
@@ -148,22 +205,30 @@ class CoSLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         if not isinstance(config, CoSLlavaConfig) or config.resampler is None:
             raise ValueError("CoSLlavaForConditionalGeneration needs a CoSLlavaConfig with a resampler (a preset "
                              "name, a CoSConfig or its dict)")
-        super().__init__(config)
-        self.model.__class__ = CoSLlavaModel  # LLaVA's model as built, with the per-sample image-token check
-        self.model.multi_modal_projector = MultiScaleResampler(
-            CoSConfig.from_dict(config.resampler), backend=config.resampler_backend)
+        LlavaPreTrainedModel.__init__(self, config)  # LlavaForConditionalGeneration.__init__ with a CoSLlavaModel
+        self.model = CoSLlavaModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
 
     @property
     def resampler(self) -> MultiScaleResampler:
+        """The projector: (B, N or N + 1, num_levels * vision hidden size) -> (B, num_tokens, text hidden size)."""
         return self.model.multi_modal_projector
 
     @classmethod
     def from_llava(cls, llava: LlavaForConditionalGeneration,
                    resampler: str | CoSConfig | MultiScaleResampler) -> "CoSLlavaForConditionalGeneration":
         """A CoS model sharing ``llava``'s vision tower and language model (the same tensors, nothing
-        copied) with ``resampler`` as its projector: a preset name or CoSConfig (randomly initialised,
-        on the vision tower's device and dtype) or a MultiScaleResampler (used as is, its config set to
-        accept LLaVA's feature form)."""
+        copied) with ``resampler`` as its projector.
+
+        Args:
+            llava: the LlavaForConditionalGeneration to take the parts from.
+            resampler: a preset name or CoSConfig (randomly initialised, on the vision tower's device
+                and dtype) or a MultiScaleResampler (used as is, its config set to accept LLaVA's
+                feature form).
+        Returns:
+            the CoSLlavaForConditionalGeneration.
+        """
         if not isinstance(llava, LlavaForConditionalGeneration):
             raise TypeError(f"llava must be a LlavaForConditionalGeneration, got {type(llava).__name__}")
         module = resampler if isinstance(resampler, MultiScaleResampler) else None
@@ -189,14 +254,21 @@ class CoSLlavaForConditionalGeneration(LlavaForConditionalGeneration):
 
 class CoSLlavaProcessor(LlavaProcessor):
     """LlavaProcessor that expands each ``<image>`` of a prompt into ``num_image_tokens`` image tokens
-    (the resampler's token count, config.image_seq_length) instead of one per patch. Saved and
-    loaded with the processor (processor_config.json)."""
+    instead of one per patch. Saved and loaded with the processor (processor_config.json).
+
+    Args:
+        image_processor, tokenizer, **kwargs: LlavaProcessor's.
+        num_image_tokens: a positive int: the resampler's num_tokens, config.image_seq_length.
+
+    __call__(images, text) -> LLaVA's BatchFeature: pixel_values (num_images, 3, H, W), input_ids
+    (B, S) with num_image_tokens image tokens per image.
+    """
 
     def __init__(self, image_processor=None, tokenizer=None, num_image_tokens: int | None = None, **kwargs):
-        if isinstance(num_image_tokens, bool) or not isinstance(num_image_tokens, int) or num_image_tokens < 1:
-            raise ValueError(f"num_image_tokens must be a positive int (the resampler's num_tokens, "
-                             f"config.image_seq_length), got {num_image_tokens!r}")
-        self.num_image_tokens = num_image_tokens
+        try:
+            self.num_image_tokens = positive_int(num_image_tokens, "num_image_tokens")
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"{err} (the resampler's num_tokens, config.image_seq_length)") from None
         super().__init__(image_processor, tokenizer, **kwargs)
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:

@@ -28,6 +28,7 @@ from .config import CoSConfig
 from .grouped_linear import grouped_linear
 from .layout import WindowLayout
 from .ops import BACKENDS, multiscale_window_attention
+from .validation import check_bool, one_of
 
 __all__ = ["MultiScaleResampler", "ResamplerBlock", "check_device", "shape_implied_fields"]
 
@@ -62,42 +63,30 @@ class ResamplerBlock(nn.Module):
 
 
 class MultiScaleResampler(nn.Module):
-    """Learnable queries per window of the ViT feature map, several window sizes.
+    """Learnable queries per window of the ViT feature map, several window sizes:
+    features (B, N, vision_dim) per level -> visual tokens (B, num_tokens, llm_dim).
 
-    forward(features) -> (B, total_queries, llm_dim). ``features``: one tensor per feature level
-    (a list of config.num_levels tensors, or a single tensor when num_levels == 1), each of shape
-    (B, N, vision_dim) with N = GH * GW patches in raster order, (B, N + 1, vision_dim) with a leading
-    CLS token when config.drop_cls, or (B, vision_dim, GH, GW). With config.concat_levels, also one
-    tensor holding every level side by side on the channel axis, (B, N or N + 1, num_levels * vision_dim)
-    (LLaVA's get_image_features with a list vision_feature_layer), level l in channels l*C..(l+1)*C.
+    Args:
+        config: the CoSConfig (layout, widths, levels, input format).
+        backend: the attention backend, a str: "auto", "torch", or a fused one (see cos_kernels.ops).
+        fused: a bool. True computes what scales share once (LayerNorm affines folded into the
+            products after them, so one normalisation per LayerNorm stage and one K/V product for all
+            scales; the query side's products grouped over scales, see grouped_linear; level-1 queries
+            once per call rather than per image); False runs the plain block structure. Both give the
+            same function of the same parameters.
 
-    Features must be floating point, on the parameters' device, and in the parameters' dtype unless
-    autocast is on for their device type (torch.autocast casts them where they meet the weights).
-    An empty batch (B = 0) gives an empty (0, total_queries, llm_dim) output.
-
-    backend: the attention backend (a str: "auto", "torch", or a fused one; see cos_kernels.ops).
-    fused: a bool. True computes what scales share once (LayerNorm affines folded into the
-        products after them, so one normalisation per LayerNorm stage and one K/V product for all
-        scales; the query side's products grouped over scales, see grouped_linear; level-1 queries
-        once per call rather than per image); False runs the plain block structure. Both give the
-        same function of the same parameters.
+    The parameters are randomly initialised (reset_parameters); from_pretrained and from_state_dict
+    build one from saved weights instead.
     """
 
     def __init__(self, config: CoSConfig, backend: str = "auto", fused: bool = True):
         super().__init__()
         if not isinstance(config, CoSConfig):
             raise TypeError(f"config must be a CoSConfig, got {type(config).__name__}")
-        if not isinstance(backend, str):
-            raise TypeError(
-                f"backend must be a str, one of {list(BACKENDS)}, got {backend!r} ({type(backend).__name__})"
-            )
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
-        check_bool(fused, "fused")
         self.config = config
         self.layout = config.layout
-        self.backend = backend
-        self.fused = fused
+        self.backend = one_of(backend, BACKENDS, "backend")
+        self.fused = check_bool(fused, "fused")
         self.queries = nn.ParameterList(
             nn.Parameter(torch.empty(n, config.dim)) for n in config.queries
         )
@@ -112,24 +101,47 @@ class MultiScaleResampler(nn.Module):
     def reset_parameters(self) -> None:
         """Normal(0, init_std^2) queries and linear weights cut at +-2 absolute (timm's trunc_normal_),
         zero biases, LayerNorm (1, 0)."""
-        std = self.config.init_std
-        for p in self.queries:
-            nn.init.trunc_normal_(p, std=std, a=-2.0, b=2.0)
         for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=std, a=-2.0, b=2.0)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+            self.reset_module(m)
+
+    def reset_module(self, module: nn.Module) -> None:
+        """reset_parameters for the parameters ``module`` (one of this resampler's modules) holds
+        itself, not those of its children (for a library that initialises module by module)."""
+        std = self.config.init_std
+        if module is self.queries:
+            for p in module:
+                nn.init.trunc_normal_(p, std=std, a=-2.0, b=2.0)
+        elif isinstance(module, nn.Linear):
+            nn.init.trunc_normal_(module.weight, std=std, a=-2.0, b=2.0)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
 
     @property
     def num_tokens(self) -> int:
+        """The number of visual tokens per image: every scale's queries, layout.total_queries."""
         return self.layout.total_queries
 
     # ---- forward ----------------------------------------------------------------------------
     def forward(self, features) -> torch.Tensor:
+        """The visual tokens of a batch of images.
+
+        Args:
+            features: one tensor per feature level: a list of config.num_levels tensors, or a single
+                tensor when num_levels == 1. Each is (B, N, vision_dim) with N = GH * GW patches in
+                raster order, (B, N + 1, vision_dim) with a leading CLS token when config.drop_cls,
+                or (B, vision_dim, GH, GW). With config.concat_levels, also one tensor holding every
+                level side by side on the channel axis, (B, N or N + 1, num_levels * vision_dim)
+                (LLaVA's get_image_features with a list vision_feature_layer), level l in channels
+                l*C..(l+1)*C. Floating point, on the parameters' device, and in the parameters' dtype
+                unless autocast is on for their device type (torch.autocast casts them where they
+                meet the weights).
+        Returns:
+            (B, num_tokens, llm_dim): every scale's queries, coarse to fine, after the final
+            LayerNorm and projection. An empty batch (B = 0) gives an empty output.
+        """
         levels = self._feature_levels(features)
         B = levels[0].shape[0]
         if self.fused:
@@ -251,13 +263,23 @@ class MultiScaleResampler(nn.Module):
 
     # ---- compound token scaling -------------------------------------------------------------
     def scale_up(self, *, grid=None, windows, queries, source) -> "MultiScaleResampler":
-        """A new resampler with the layout (grid, windows, queries), inflated from this one.
+        """A new resampler with the layout (grid, windows, queries), inflated from this one
+        (Chain-of-Sight's compound token scaling).
 
         New scale i copies every weight of this resampler's scale ``source[i]`` (every level's block).
         Each new window takes the queries of the source window covering the same image area; when a
         window holds g times as many queries as its source window, each source query is repeated g
         times. Each new scale's window grid must refine its source's (the window counts per side are
         integer multiples), so every new window lies inside one source window.
+
+        Args:
+            grid: the new patch grid (GH, GW) or its side (default: this one's).
+            windows: the new window size of each scale, as in CoSConfig.
+            queries: the new number of queries of each scale.
+            source: for each new scale, the index of this resampler's scale it inflates from.
+        Returns:
+            a MultiScaleResampler of the new layout, on this one's device and dtype, with the same
+            backend and fused setting: (B, N', vision_dim) per level -> (B, sum(queries), llm_dim).
         """
         cfg = replace(self.config, grid=self.config.grid if grid is None else grid,
                       windows=list(windows), queries=list(queries))
@@ -303,9 +325,13 @@ class MultiScaleResampler(nn.Module):
 
     # ---- checkpoints ------------------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write config.json and model.safetensors into ``directory``, each atomically. The weights'
-        metadata records the layout and the whole config, which from_pretrained checks config.json
-        against."""
+        """Write config.json and model.safetensors into ``directory`` (created where missing), each
+        atomically. The weights' metadata records the layout and the whole config, which
+        from_pretrained checks config.json against.
+
+        Args:
+            directory: the folder to write; files of an earlier save there are replaced.
+        """
         check_materialised(self, "save")
         directory = Path(os.fsdecode(directory))
         directory.mkdir(parents=True, exist_ok=True)
@@ -321,26 +347,33 @@ class MultiScaleResampler(nn.Module):
         dtype: torch.dtype | None = None, device: str | torch.device | None = None,
         allow_nonfinite: bool = False,
     ) -> "MultiScaleResampler":
-        """Load a resampler from ``path``: a directory save_pretrained wrote, or the bridge of a
-        cos-train run (its latest checkpoint), its checkpoints/ directory or one checkpoint.
+        """Load a resampler from a directory save_pretrained wrote (a cos-train checkpoint's bridge/
+        folder is one; cos_kernels.train.load_bridge loads a run's or a checkpoint's bridge after
+        verifying the checkpoint). A config.json that disagrees with the weights (their recorded
+        layout and config, their shapes) is refused, and so are weights holding NaN or Inf unless
+        ``allow_nonfinite``.
 
-        dtype: the parameters' floating-point dtype (default: the one they were saved in); device:
-        where they go (default: the CPU). Weights that do not match their config are refused, and so
-        are weights holding NaN or Inf unless ``allow_nonfinite``.
+        Args:
+            path: the directory (a str, bytes or os.PathLike).
+            backend, fused: as for MultiScaleResampler.
+            dtype: the parameters' floating-point dtype (default: the one they were saved in).
+            device: where they go (default: the CPU).
+            allow_nonfinite: load weights holding NaN or Inf.
+        Returns:
+            the MultiScaleResampler: (B, N, vision_dim) features per level -> (B, num_tokens, llm_dim).
         """
         _check_dtype_device(dtype, device)
         path = Path(os.fsdecode(path))
         if not path.exists():
-            raise FileNotFoundError(
-                f"{path} does not exist: expected a directory save_pretrained wrote ({CONFIG_NAME} and "
-                f"{WEIGHTS_NAME}), or a cos-train run, its checkpoints/ directory or one checkpoint"
-            )
-        if _is_saved_resampler(path):
-            config, state, where = _read_saved(path)
-        else:  # the training run's format is the layer above this one's: imported only when asked for
-            from .train.export import read_bridge
-
-            config, state, where = read_bridge(path)
+            raise FileNotFoundError(f"{path} does not exist: expected a directory save_pretrained wrote "
+                                    f"({CONFIG_NAME} and {WEIGHTS_NAME})")
+        if not _is_saved_resampler(path):
+            raise ValueError(
+                f"{path} is neither a directory save_pretrained wrote (a resampler's {CONFIG_NAME} and "
+                f"{WEIGHTS_NAME}; a cos-train checkpoint holds one as bridge/) nor anything else from_pretrained "
+                f"reads: load the bridge of a cos-train run, its checkpoints/ directory or one checkpoint with "
+                f"cos_kernels.train.load_bridge({str(path)!r}), which verifies the checkpoint first")
+        config, state, where = _read_saved(path)
         return cls.from_state_dict(config, state, backend, fused, dtype=dtype, device=device, where=where,
                                    allow_nonfinite=allow_nonfinite)
 
@@ -350,11 +383,22 @@ class MultiScaleResampler(nn.Module):
         dtype: torch.dtype | None = None, device: str | torch.device | None = None, where: str = "the state dict",
         allow_nonfinite: bool = False,
     ) -> "MultiScaleResampler":
-        """A resampler of ``config`` holding ``state`` (its names and shapes, floating-point tensors;
-        the tensors themselves where dtype and device already match, else cast copies), without a
-        random initialisation. dtype: default the state's; device: default the CPU; ``where`` names
-        the source in errors. Tensors holding NaN or Inf are refused (ValueError naming them) unless
-        ``allow_nonfinite``."""
+        """A resampler of ``config`` holding ``state``, without a random initialisation. Tensors
+        holding NaN or Inf are refused (ValueError naming them) unless ``allow_nonfinite``.
+
+        Args:
+            config: the CoSConfig the state was trained with.
+            state: {name: floating-point tensor} with exactly the names and shapes of
+                MultiScaleResampler(config).state_dict() (e.g. "queries.0": (n_0, dim)).
+            backend, fused: as for MultiScaleResampler.
+            dtype: the parameters' floating-point dtype (default: the state's).
+            device: where they go (default: the CPU).
+            where: names the source in errors.
+            allow_nonfinite: load tensors holding NaN or Inf.
+        Returns:
+            the MultiScaleResampler, holding the tensors themselves where dtype and device already
+            match, else cast copies.
+        """
         device = _check_dtype_device(dtype, device)
         check_bool(allow_nonfinite, "allow_nonfinite")
         with torch.device("meta"):
@@ -365,12 +409,6 @@ class MultiScaleResampler(nn.Module):
             check_finite({k: state[k] for k in expected}, where)  # in the model's order
         model.load_state_dict(state, assign=True)
         return model.to(device=device, dtype=dtype or state["queries.0"].dtype)
-
-
-def check_bool(value, name: str) -> None:
-    """TypeError naming the argument unless ``value`` is True or False."""
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool (True or False), got {value!r} ({type(value).__name__})")
 
 
 def check_device(device, name: str = "device", fix: str | None = None) -> torch.device:
@@ -450,8 +488,9 @@ def read_safetensors(path: Path, expected: str) -> tuple[dict[str, torch.Tensor]
 
 def _is_saved_resampler(path: Path) -> bool:
     """Whether ``path`` holds what save_pretrained writes: config.json and model.safetensors, where
-    config.json is not a training checkpoint's (a JSON object of model / train configs). A broken
-    config.json counts as save_pretrained's, so that reading it reports what is wrong with it."""
+    config.json is not a cos-train checkpoint's (a JSON object with a "train" entry; the checkpoint's
+    bridge/ folder is the resampler's). A broken config.json counts as save_pretrained's, so that
+    reading it reports what is wrong with it."""
     if not ((path / WEIGHTS_NAME).is_file() and (path / CONFIG_NAME).is_file()):
         return False
     try:

@@ -1,6 +1,7 @@
 """Issue #27: what is verified when a checkpoint is loaded, and inputs checked before the expensive work.
 
-Same-size damage to the weights or the trainer state (content hashes in the manifest), a trainer.pt
+Same-size damage to the weights or the trainer state (content hashes in the manifest), the bridge
+folder (MultiScaleResampler's save_pretrained form) and checkpoints written before it, a trainer.pt
 of the wrong schema, a config whose sections are not objects, a checkpoint file given where its
 directory is meant, an empty path, a resume already past the requested steps, an image folder
 without the listed images, the LLM warm-up stopped by a signal and resumed, and its save on a full
@@ -20,22 +21,22 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 
 import cos_kernels.train.trainer as trainer_module
 from cos_kernels import MultiScaleResampler, atomic_io
 from cos_kernels.mllm import MLLMConfig, SyntheticCaptions
-from cos_kernels.train import Trainer
-from cos_kernels.train.stopping import TrainingStopped
+from cos_kernels.train import Trainer, load_bridge
 from cos_kernels.train.checkpoint import CHECKPOINT_FORMS, TRAINER_STATE, read_configs, resolve_checkpoint
+from cos_kernels.train.stopping import TrainingStopped
 from cos_kernels.train.cli import main
 from cos_kernels.train.data import check_data
 from cos_kernels.train.distributed import DistEnv
 from cos_kernels.train.warmup import warm_up_llm
 
 from test_data import write_llava_folder
-from test_faults import _copy_run, _env, saved_run, tiny  # noqa: F401  (saved_run: a fixture)
+from test_faults import _copy_run, _env, as_written_before_bridge, saved_run, tiny  # noqa: F401  (saved_run: a fixture)
 
 CPU = DistEnv("none", 0, 1, torch.device("cpu"))
 
@@ -69,14 +70,17 @@ def _damage(path: Path, how: str) -> None:
 
 
 # ---- content hashes ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["model.safetensors", "trainer.pt"])
-@pytest.mark.parametrize("how", ["flipped", "truncated"])
+# a pretrain run's model.safetensors holds no tensor (the bridge is in bridge/): no tensor bytes to flip
+@pytest.mark.parametrize("name, how", [(name, how) for name in ("bridge/model.safetensors", "model.safetensors",
+                                                                 "trainer.pt") for how in ("flipped", "truncated")
+                                       if (name, how) != ("model.safetensors", "flipped")])
 def test_damaged_latest_is_skipped_under_auto_and_refused_when_named(saved_run, tmp_path, name, how):
     run = _copy_run(saved_run, tmp_path)
-    target = run / "checkpoints" / "step-0000004" / name
+    checkpoint = run / "checkpoints" / "step-0000004"
+    target = checkpoint / name
     _damage(target, how)
     if how == "flipped":  # still a loadable file: only the content hash tells
-        assert load_file(target) if name == "model.safetensors" else torch.load(target, weights_only=True)
+        assert load_file(target) if name.endswith(".safetensors") else torch.load(target, weights_only=True)
     said = (r"its content hash \(sha256\) differs from the one .*manifest\.json records \(same size, other bytes\)"
             if how == "flipped"
             else r"\d+ bytes, the manifest says \d+")
@@ -85,23 +89,84 @@ def test_damaged_latest_is_skipped_under_auto_and_refused_when_named(saved_run, 
     assert len(warnings) == 1 and re.fullmatch(
         f"warning: skipping a broken checkpoint: {re.escape(str(target))} is corrupt: {said}", warnings[0]), warnings
     with pytest.raises(ValueError, match=f"{re.escape(str(target))} is corrupt: {said}"):
-        _resume(run, tmp_path, str(target.parent))
+        _resume(run, tmp_path, str(checkpoint))
 
 
-def test_from_pretrained_of_a_damaged_checkpoint_names_the_file(saved_run, tmp_path):
+def test_load_bridge_of_a_damaged_checkpoint_names_the_file(saved_run, tmp_path):
     run = _copy_run(saved_run, tmp_path)
-    weights = run / "checkpoints" / "step-0000004" / "model.safetensors"
+    last = run / "checkpoints" / "step-0000004"
+    weights = last / "bridge" / "model.safetensors"
     _damage(weights, "flipped")
-    for path in (run, weights.parent):
+    for path in (run, run / "checkpoints", last):
         with pytest.raises(ValueError, match=f"^{re.escape(str(weights))} is corrupt: its content hash"):
+            load_bridge(path)
+    (last / "bridge" / "model.safetensors").unlink()  # the manifest lists it: a missing bridge is never skipped
+    with pytest.raises(ValueError, match=re.escape(f"{last} is not a complete checkpoint: it lacks "
+                                                   f"['bridge/model.safetensors']")):
+        load_bridge(last)
+    shutil.rmtree(last / "bridge")
+    with pytest.raises(ValueError, match=re.escape(f"{last} is not a complete checkpoint: it lacks "
+                                                   f"['bridge/model.safetensors']")):
+        _resume(run, tmp_path, str(last))
+
+
+def test_the_bridge_folder_is_the_resamplers_save_pretrained(saved_run, tmp_path):
+    """from_pretrained reads a checkpoint's bridge/ and no other cos-train file; given a run or a
+    checkpoint, it names the reader that verifies them."""
+    run = _copy_run(saved_run, tmp_path)
+    last = run / "checkpoints" / "step-0000004"
+    trained = Trainer(tiny(tmp_path, out_dir=str(run), save_every=1, keep_checkpoints=4, resume="auto")).model.bridge
+    loaded = MultiScaleResampler.from_pretrained(last / "bridge")
+    assert loaded.config == trained.config and loaded.state_dict().keys() == trained.state_dict().keys()
+    assert all(torch.equal(v, trained.state_dict()[k]) for k, v in loaded.state_dict().items())
+    from_run = load_bridge(run, dtype=torch.float64)
+    assert all(torch.equal(v, trained.state_dict()[k].double()) for k, v in from_run.state_dict().items())
+    for path in (run, run / "checkpoints", last):
+        with pytest.raises(ValueError, match=re.escape(f"{path} is neither a directory save_pretrained wrote") +
+                           ".*" + re.escape(f"cos_kernels.train.load_bridge('{path}'), which verifies the checkpoint")):
             MultiScaleResampler.from_pretrained(path)
+
+
+def test_checkpoints_from_before_the_bridge_folder_still_load(saved_run, tmp_path):
+    """Written before bridge/ (the bridge in model.safetensors as bridge.*): load_bridge reads the
+    bridge, a resume takes its weights, and the checkpoint it writes has bridge/."""
+    new, old = _copy_run(saved_run, tmp_path, "new"), _copy_run(saved_run, tmp_path, "old")
+    as_written_before_bridge(old / "checkpoints" / "step-0000004")
+    want, got = load_bridge(new).state_dict(), load_bridge(old).state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    resumed = _resume(old, tmp_path, "auto", steps=5, allow_config_change=True)
+    assert resumed.step == 4 and all(torch.equal(want[k], v) for k, v in resumed.model.bridge.state_dict().items())
+    resumed.fit()
+    assert (old / "checkpoints" / "step-0000005" / "bridge" / "config.json").is_file()
+    weights = old / "checkpoints" / "step-0000004" / "model.safetensors"
+    _damage(weights, "flipped")
+    with pytest.raises(ValueError, match=f"^{re.escape(str(weights))} is corrupt: its content hash"):
+        load_bridge(weights.parent)
+
+
+@pytest.mark.parametrize("old_format", [False, True])
+def test_load_bridge_refuses_non_finite_weights(saved_run, tmp_path, old_format):
+    run = _copy_run(saved_run, tmp_path)
+    last = run / "checkpoints" / "step-0000004"
+    weights = last / "bridge" / "model.safetensors"
+    state = load_file(weights)
+    state["proj_out.bias"][:3] = float("nan")
+    save_file(state, weights, metadata=safe_open(weights, "pt").metadata())
+    (last / "manifest.json").unlink()  # as in a checkpoint from before manifests: the NaN check alone tells
+    if old_format:
+        as_written_before_bridge(last)
+        weights = last / "model.safetensors"
+    with pytest.raises(ValueError, match=re.escape(f"{weights} holds NaN or Inf in 1 tensor: 'proj_out.bias' "
+                                                   f"(3 of its {state['proj_out.bias'].numel()} values)")):
+        load_bridge(last)
+    assert load_bridge(last, allow_nonfinite=True).proj_out.bias[:3].isnan().all()
 
 
 def test_manifest_records_hashes_and_old_size_only_manifests_still_load(saved_run, tmp_path):
     run = _copy_run(saved_run, tmp_path)
     last = run / "checkpoints" / "step-0000004"
     manifest = json.loads((last / "manifest.json").read_text())
-    assert set(manifest) == {"model.safetensors", "trainer.pt"}
+    assert set(manifest) == {"model.safetensors", "trainer.pt", "bridge/model.safetensors"}
     assert all(set(entry) == {"bytes", "sha256"} and len(entry["sha256"]) == 64 for entry in manifest.values())
     (last / "manifest.json").write_text(json.dumps({k: v["bytes"] for k, v in manifest.items()}))  # the old format
     assert resolve_checkpoint(run) == last
@@ -188,13 +253,14 @@ def test_an_empty_path_is_refused_not_taken_for_the_current_directory(saved_run,
 def test_a_resume_already_past_the_steps_says_nothing_is_trained(saved_run, tmp_path):
     run = _copy_run(saved_run, tmp_path)
     last = run / "checkpoints" / "step-0000004"
-    before = {p.name: p.read_bytes() for p in last.iterdir()}
+    files = lambda: {p.relative_to(last): p.read_bytes() for p in last.rglob("*") if p.is_file()}
+    before = files()
     lines = []
     trainer = _resume(run, tmp_path, "auto", log=lines.append, steps=2, allow_config_change=True)
     trainer.fit()
     assert ("note: resumed at step 4, which is already >= steps=2: nothing to train; the checkpoint is left as it is"
             in lines), lines
-    assert {p.name: p.read_bytes() for p in last.iterdir()} == before
+    assert files() == before and Path("bridge/model.safetensors") in before
     assert [p.name for p in sorted((run / "checkpoints").glob("step-*"))][-1] == "step-0000004"
 
 

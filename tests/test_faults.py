@@ -3,6 +3,7 @@
 directory under broken, moved, crafted and pruned checkpoints, a full disk and leftovers of a kill."""
 
 import errno
+import hashlib
 import json
 import os
 import re
@@ -14,7 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from cos_kernels import atomic_io
 from cos_kernels.train import NonFiniteLossError, TrainConfig, Trainer
@@ -53,12 +55,21 @@ def _interrupt_after(proc: subprocess.Popen, step: int, signum: int) -> list[str
     return lines
 
 
-def _final_state(out: Path) -> tuple[bytes, list[float], list[tuple[int, float]]]:
-    """(the last checkpoint's weight file, its loss history, metrics.jsonl's (step, loss) records)."""
+def _final_state(out: Path) -> tuple[dict, list[float], list[tuple[int, float]]]:
+    """(the last checkpoint's weight files, its loss history, metrics.jsonl's (step, loss) records)."""
     final = out / "checkpoints" / f"step-{STEPS:07d}"
     losses = torch.load(final / "trainer.pt", weights_only=True)["losses"]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return (final / "model.safetensors").read_bytes(), losses, [(r["step"], r["loss"]) for r in records]
+    weights = {name: _contents(final / name) for name in ("model.safetensors", "bridge/model.safetensors")}
+    weights["bridge/config.json"] = (final / "bridge" / "config.json").read_bytes()
+    return weights, losses, [(r["step"], r["loss"]) for r in records]
+
+
+def _contents(weights: Path) -> tuple[dict, dict[str, bytes]]:
+    """A safetensors file's metadata and each tensor's bytes (the header is not the same bytes each
+    write: safetensors orders the metadata entries at random)."""
+    with safe_open(str(weights), framework="pt") as f:
+        return f.metadata(), {k: f.get_tensor(k).numpy().tobytes() for k in f.keys()}
 
 
 def test_killed_and_interrupted_run_resumes_bit_for_bit(tmp_path):
@@ -139,6 +150,18 @@ def _copy_run(saved_run, tmp_path, name="copy") -> Path:
     return tmp_path / name
 
 
+def as_written_before_bridge(checkpoint: Path) -> None:
+    """Rewrite ``checkpoint`` as cos-train wrote it before bridge/: the resampler's tensors in
+    model.safetensors as "bridge.*", no bridge/ folder, the manifest listing the two files."""
+    bridge = {f"bridge.{k}": v for k, v in load_file(checkpoint / "bridge" / "model.safetensors").items()}
+    save_file({**load_file(checkpoint / "model.safetensors"), **bridge}, checkpoint / "model.safetensors")
+    shutil.rmtree(checkpoint / "bridge")
+    manifest = {name: {"bytes": (checkpoint / name).stat().st_size,
+                       "sha256": hashlib.sha256((checkpoint / name).read_bytes()).hexdigest()}
+                for name in ("model.safetensors", "trainer.pt")}
+    (checkpoint / "manifest.json").write_text(json.dumps(manifest))
+
+
 def test_pruning_never_deletes_the_newest_checkpoint(saved_run, tmp_path):
     """Resuming step 1 of a directory holding steps 1-4 and running on: the checkpoint just written
     survives, the later ones of the other continuation too, and latest names an existing checkpoint."""
@@ -156,14 +179,15 @@ def test_pruning_never_deletes_the_newest_checkpoint(saved_run, tmp_path):
 
 def test_resume_auto_skips_a_broken_latest_checkpoint(saved_run, tmp_path):
     run = _copy_run(saved_run, tmp_path)
-    weights = run / "checkpoints" / "step-0000004" / "model.safetensors"
+    checkpoint = run / "checkpoints" / "step-0000004"
+    weights = checkpoint / "bridge" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])  # a truncated write
     warnings = []
     config = tiny(tmp_path, out_dir=str(run), save_every=1, keep_checkpoints=4, resume="auto")
     trainer = Trainer(config, log=warnings.append)
     assert trainer.step == 3
     assert any(f"skipping a broken checkpoint: {weights} is corrupt" in w for w in warnings), warnings
-    explicit = tiny(tmp_path, out_dir=str(run), save_every=1, keep_checkpoints=4, resume=str(weights.parent))
+    explicit = tiny(tmp_path, out_dir=str(run), save_every=1, keep_checkpoints=4, resume=str(checkpoint))
     with pytest.raises(ValueError, match=re.escape(f"{weights} is corrupt")):
         Trainer(explicit)
 
@@ -247,8 +271,12 @@ def test_stale_temporaries_are_removed_and_files_follow_the_umask(tmp_path):
     assert {p.stat().st_mode & 0o777 for p in (tmp_path / "bridge").iterdir()} == {0o644}
     assert not list(run.glob(".*")) and not list((run / "checkpoints").glob(".*"))
     checkpoint = run / "checkpoints" / "step-0000001"
-    assert checkpoint.stat().st_mode & 0o777 == 0o755
-    for path in [*checkpoint.iterdir(), run / "checkpoints" / "latest", run / "metrics.jsonl"]:
+    assert checkpoint.stat().st_mode & 0o777 == 0o755 and (checkpoint / "bridge").stat().st_mode & 0o777 == 0o755
+    files = [p for p in checkpoint.rglob("*") if p.is_file()]
+    assert {p.relative_to(checkpoint).as_posix() for p in files} == {
+        "config.json", "model.safetensors", "trainer.pt", "manifest.json", "bridge/config.json",
+        "bridge/model.safetensors"}
+    for path in [*files, run / "checkpoints" / "latest", run / "metrics.jsonl"]:
         assert path.stat().st_mode & 0o777 == 0o644, path
 
 
@@ -284,7 +312,7 @@ def test_nan_stop_saves_the_last_good_state(tmp_path):
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 3 .*the last good state: "
                                                  r".*step-0000002 \(step 2; .*resuming skips them\)"):
         trainer.fit()
-    saved = load_file(str(tmp_path / "run" / "checkpoints" / "step-0000002" / "model.safetensors"))
-    now = {f"bridge.{k}": v for k, v in bridge.state_dict().items()}
+    saved = load_file(str(tmp_path / "run" / "checkpoints" / "step-0000002" / "bridge" / "model.safetensors"))
+    now = bridge.state_dict()
     assert saved.keys() == now.keys() and all(torch.equal(saved[k], now[k]) for k in saved)
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step-0000002"

@@ -65,6 +65,33 @@ def randomise(model):
     return model
 
 
+def test_the_resampler_is_built_in_the_place_of_llavas_projector(monkeypatch):
+    """LLaVA's projector (two Linears, ~25M parameters at 7B widths) is never constructed; every other
+    part is LLaVA's, under LLaVA's names; the resampler has its own initialisation (reset_parameters:
+    LayerNorms at (1, 0), zero biases), not transformers' generic one (normal, std 0.02)."""
+    import transformers.models.llava.modeling_llava as modeling_llava
+
+    def never(*args, **kwargs):
+        raise AssertionError("LlavaMultiModalProjector was constructed")
+
+    vision, text = sub_configs()
+    llava = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text,
+                                                      image_token_index=IMAGE_TOKEN, vision_feature_layer=LAYERS))
+    monkeypatch.setattr(modeling_llava.LlavaMultiModalProjector, "__init__", never)
+    model = CoSLlavaForConditionalGeneration(tiny_config(resampler=tiny_resampler(init_std=0.002)))
+    outside = lambda m: {n: tuple(p.shape) for n, p in m.named_parameters() if ".multi_modal_projector." not in n}
+    assert outside(model) == outside(llava)
+    assert [n for n, _ in model.named_children()] == [n for n, _ in llava.named_children()]
+    assert [n for n, _ in model.model.named_children()] == [n for n, _ in llava.model.named_children()]
+    for name, p in model.resampler.named_parameters():
+        if "norm" in name:
+            assert torch.all(p == (1.0 if name.endswith("weight") else 0.0)), name
+        elif name.endswith("bias"):
+            assert not p.any(), name
+        else:  # trunc_normal_(std=init_std = 0.002), not transformers' normal_(std=0.02)
+            assert 0.001 < p.std().item() < 0.003, name
+
+
 def test_forward_is_the_composition_of_its_parts():
     model = randomise(CoSLlavaForConditionalGeneration(tiny_config())).double().eval()
     assert isinstance(model.resampler, MultiScaleResampler) and model.config.image_seq_length == 20
@@ -238,7 +265,8 @@ def test_a_plain_llava_config_is_refused():
     vision, text = sub_configs()
     with pytest.raises(ValueError, match="needs a CoSLlavaConfig with a resampler"):
         CoSLlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text))
-    with pytest.raises(ValueError, match="num_image_tokens must be a positive int"):
+    with pytest.raises(ValueError, match=r"num_image_tokens must be a positive int.* \(the resampler's num_tokens, "
+                                         r"config.image_seq_length\)"):
         tiny_processor(0)
 
 

@@ -16,12 +16,13 @@ from cos_kernels import MultiScaleResampler
 from cos_kernels.mllm import CaptionCollator, CoSMLLM, MLLMConfig, SyntheticCaptions
 from cos_kernels.mllm.synthetic import FIELDS
 
-from cos_kernels.train import NonFiniteLossError, TrainConfig, Trainer, cosine_with_warmup
+from cos_kernels.train import NonFiniteLossError, TrainConfig, Trainer, cosine_with_warmup, load_bridge
 from cos_kernels.train.cli import main
 from cos_kernels.train.distributed import DistEnv
 from cos_kernels.train.evaluate import evaluate
 
 from test_data import write_llava_folder
+from test_faults import as_written_before_bridge
 
 
 def tiny_config(tmp_path, name="run", **overrides) -> TrainConfig:
@@ -148,14 +149,15 @@ def test_checkpoint_with_other_frozen_weights_is_refused(pretrain_run, tmp_path)
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(pretrain_run, tmp_path):
     config, _ = pretrain_run
     checkpoint = f"{config.out_dir}/checkpoints/step-0000004"
-    saved = open(f"{checkpoint}/model.safetensors", "rb").read()
+    files = ("model.safetensors", "bridge/model.safetensors")
+    saved = [open(f"{checkpoint}/{name}", "rb").read() for name in files]
     trainer = Trainer(tiny_config(tmp_path, steps=6, resume=checkpoint, out_dir=config.out_dir, allow_config_change=True))
     before = state(trainer.model.bridge)
     with torch.no_grad():
         trainer.model.bridge.proj_out.bias[0] = float("nan")
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 5 .*the last good state: .*step-0000004 \(step 4\)"):
         trainer.fit()
-    assert open(f"{checkpoint}/model.safetensors", "rb").read() == saved
+    assert [open(f"{checkpoint}/{name}", "rb").read() for name in files] == saved
     unchanged = [k for k, v in trainer.model.bridge.state_dict().items() if k != "proj_out.bias"]
     assert all(torch.equal(trainer.model.bridge.state_dict()[k], before[k]) for k in unchanged)
 
@@ -229,8 +231,7 @@ def test_two_process_gloo_run_matches_one_process(pretrain_run, tmp_path, mode):
 def _bridge_tensors(checkpoint) -> dict:
     from safetensors.torch import load_file
 
-    return {k[len("bridge."):]: v for k, v in load_file(f"{checkpoint}/model.safetensors").items()
-            if k.startswith("bridge.")}
+    return load_file(f"{checkpoint}/bridge/model.safetensors")
 
 
 def test_the_bridge_of_a_run_or_checkpoint_loads_as_a_resampler(pretrain_run, tmp_path):
@@ -238,36 +239,38 @@ def test_the_bridge_of_a_run_or_checkpoint_loads_as_a_resampler(pretrain_run, tm
     run = config.out_dir
     model = Trainer(tiny_config(tmp_path, "pre", resume=run)).model  # the step-4 model, as cos-train rebuilds it
     for path in (run, f"{run}/checkpoints", f"{run}/checkpoints/step-0000004"):
-        loaded = MultiScaleResampler.from_pretrained(path, backend="torch", dtype=torch.float64)
+        loaded = load_bridge(path, backend="torch", dtype=torch.float64)
         assert loaded.config == model.bridge.config and loaded.queries[0].dtype == torch.float64
         saved = _bridge_tensors(f"{run}/checkpoints/step-0000004")
         assert all(torch.equal(v.double(), saved[k].double()) for k, v in loaded.state_dict().items())
         features = [torch.randn(2, 256, 64, dtype=torch.float64) for _ in range(2)]
         torch.testing.assert_close(loaded(features), model.bridge.double()(features), rtol=0, atol=0)
         model.bridge.float()
-    step2 = MultiScaleResampler.from_pretrained(f"{run}/checkpoints/step-0000002")
+    step2 = MultiScaleResampler.from_pretrained(f"{run}/checkpoints/step-0000002/bridge")
     assert not torch.equal(step2.queries[0], loaded.queries[0].float())
     ft = Trainer(tiny_config(tmp_path, "ft", stage="finetune", init_from=run, bridge="cos-336", steps=1))
     ft.fit()
-    scaled = MultiScaleResampler.from_pretrained(tmp_path / "ft")
+    scaled = load_bridge(tmp_path / "ft")
     assert scaled.config == ft.model.bridge.config and scaled.config.windows == [32, 16, 4]
     assert all(torch.equal(a, b) for a, b in zip(scaled.state_dict().values(), ft.model.bridge.state_dict().values()))
 
 
 def test_checkpoints_from_before_the_epsilon_field_keep_theirs(pretrain_run, tmp_path):
-    """Checkpoints written before MLLMConfig.bridge_norm_eps existed trained with 1e-6: they reload with it."""
+    """Checkpoints written before MLLMConfig.bridge_norm_eps existed (and so before bridge/) trained with
+    1e-6: they reload with it."""
     config, _ = pretrain_run
     copy = tmp_path / "step-0000004"
     shutil.copytree(f"{config.out_dir}/checkpoints/step-0000004", copy)
+    as_written_before_bridge(copy)
     configs = json.loads((copy / "config.json").read_text())
     assert configs["model"].pop("bridge_norm_eps") == 1e-5
     (copy / "config.json").write_text(json.dumps(configs))
-    assert MultiScaleResampler.from_pretrained(copy).config.norm_eps == 1e-6
+    assert load_bridge(copy).config.norm_eps == 1e-6
     assert Trainer(tiny_config(tmp_path, resume=str(copy))).model.bridge.norm_out.eps == 1e-6
     configs["model"]["bridge"] = "linear"
     (copy / "config.json").write_text(json.dumps(configs))
     with pytest.raises(ValueError, match="trained a 'linear' projector, not a resampler"):
-        MultiScaleResampler.from_pretrained(copy)
+        load_bridge(copy)
 
 
 def test_reference_choices_port_builds_the_ports_model(tmp_path):

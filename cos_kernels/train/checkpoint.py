@@ -3,38 +3,45 @@
 A checkpoint is a directory ``<run>/checkpoints/step-NNNNNNN`` holding
     config.json        {"model": MLLMConfig, "train": TrainConfig, "frozen_checksums": {part: sum},
                         "relative_paths": {MLLMConfig path field: its path relative to the run directory}}
-    model.safetensors  the trainable parameters (full tensors, whatever the sharding)
+    bridge/            a resampler bridge as MultiScaleResampler.save_pretrained writes it (config.json,
+                       model.safetensors): MultiScaleResampler.from_pretrained loads it as it is
+    model.safetensors  the other trainable parameters (full tensors, whatever the sharding): a per-patch
+                       projector bridge, the LLM in finetune; none at all in a resampler's pretrain
     trainer.pt         optimizer and scheduler states, step, data position, every rank's RNG states,
                        the loss history and the meter's running totals (TRAINER_STATE): tensors and
                        plain Python values only, read back with torch.load(weights_only=True)
-    manifest.json      {file: {"bytes": size, "sha256": hex digest}} of model.safetensors and
-                       trainer.pt, written last
+    manifest.json      {file: {"bytes": size, "sha256": hex digest}} of model.safetensors, trainer.pt and
+                       bridge/model.safetensors, written last
+Checkpoints written before bridge/ hold a resampler bridge in model.safetensors too (as "bridge.*");
+they still resume, and export.load_bridge reads their bridge.
 It is written under a temporary name and renamed into place, then ``<run>/checkpoints/latest`` is
 rewritten (also by rename), so a crash never leaves a half-written checkpoint behind "latest".
 Frozen parts are not saved: they are rebuilt from the config (seeded random init or a local path),
 and their checksums are compared on load. Paths inside the config are kept both as given and
 relative to the run directory, so a run directory can be moved or copied.
 
-What is verified on load (verify_checkpoint: on every resume, init_from, and
-MultiScaleResampler.from_pretrained of a cos-train run or checkpoint), in this order:
-  1. config.json, model.safetensors and trainer.pt are all present;
-  2. where manifest.json exists: it parses, and model.safetensors and trainer.pt have the byte
+What is verified on load (verify_checkpoint: on every resume, init_from and export.load_bridge), in
+this order:
+  1. config.json, model.safetensors and trainer.pt are all present, and bridge/model.safetensors
+     where the checkpoint has a bridge/ or its manifest lists one;
+  2. where manifest.json exists: it parses, and the weight files and trainer.pt have the byte
      sizes it lists and, where it records one (checkpoints written since content hashes were
      added; older manifests list sizes only and are still read), the SHA-256 of their contents;
   3. config.json parses and its "model", "train" and "frozen_checksums" (and "relative_paths",
      where present) are JSON objects;
-  4. model.safetensors has a readable safetensors header;
+  4. each weight file has a readable safetensors header;
   5. trainer.pt unpickles with torch.load(weights_only=True) and holds a dict with the keys and
      types of TRAINER_STATE.
-config.json is not hashed: it may be edited by hand (a local path, say), so it is checked by
-parsing instead. Where the latest checkpoint fails any of these, ``--resume auto`` warns naming the
+The config.json files are not hashed: they may be edited by hand (a local path, say), so they are
+checked by parsing instead (bridge/config.json by from_pretrained, against its weights' metadata).
+Where the latest checkpoint fails any of these, ``--resume auto`` warns naming the
 file and takes the newest intact checkpoint before it; an explicit checkpoint (--resume PATH,
-init_from, from_pretrained) is refused with a ValueError naming the file. One failure is never
+init_from, load_bridge) is refused with a ValueError naming the file. One failure is never
 skipped over: a trainer.pt that holds something other than tensors and plain values (refused by
 weights_only; a crash does not write that) is refused even under ``--resume auto``
 (UnsafeCheckpointError). After these checks, loading compares the frozen parts' checksums and the
 weights' names and shapes with the model rebuilt from config.json.
-Hashing reads both files once more on save and on load: about a second per GB.
+Hashing reads the files once more on save and on load: about a second per GB.
 """
 
 from __future__ import annotations
@@ -59,6 +66,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 
 from ..atomic_io import atomic_dir, atomic_text
+from ..resampler import MultiScaleResampler
 from .distributed import DistEnv
 
 __all__ = ["save_checkpoint", "load_trainer_state", "load_weights", "resolve_checkpoint", "read_configs",
@@ -67,7 +75,10 @@ __all__ = ["save_checkpoint", "load_trainer_state", "load_weights", "resolve_che
            "check_trainer_state", "TRAINER_STATE", "CHECKPOINT_FORMS"]
 
 CONFIG, WEIGHTS, TRAINER, MANIFEST = "config.json", "model.safetensors", "trainer.pt", "manifest.json"
-HASHED = (WEIGHTS, TRAINER)  # config.json is checked by parsing it: it may be edited by hand
+BRIDGE = "bridge"  # the folder of a resampler bridge, in MultiScaleResampler.save_pretrained's form
+BRIDGE_WEIGHTS = f"{BRIDGE}/{WEIGHTS}"
+BRIDGE_PREFIX = "bridge."  # the bridge's parameter names in the model
+HASHED = (WEIGHTS, TRAINER)  # and BRIDGE_WEIGHTS where written; config.json files are checked by parsing them
 # trainer.pt's entries and their types: what save_checkpoint writes (it checks) and loading needs
 TRAINER_STATE = {"step": int, "data_position": int, "losses": list, "meter_totals": dict, "optimizer": dict,
                  "scheduler": dict, "rng": list}
@@ -150,10 +161,16 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def _hashed_files(path: Path, listed=()) -> list[str]:
+    """The checkpoint's files that the manifest covers: HASHED, and BRIDGE_WEIGHTS where the checkpoint
+    has a bridge/ or ``listed`` (the manifest's entries) names it."""
+    return [*HASHED, *([BRIDGE_WEIGHTS] if (path / BRIDGE).exists() or BRIDGE_WEIGHTS in listed else [])]
+
+
 def _manifest(directory: Path) -> dict[str, dict]:
-    """{file: {"bytes": size, "sha256": digest}} of the checkpoint's binary files (HASHED)."""
+    """{file: {"bytes": size, "sha256": digest}} of the checkpoint's binary files (_hashed_files)."""
     return {name: {"bytes": (directory / name).stat().st_size, "sha256": _sha256(directory / name)}
-            for name in HASHED}
+            for name in _hashed_files(directory)}
 
 
 def _manifest_entry(manifest: Path, entries: dict, name: str) -> tuple[int, str | None]:
@@ -167,26 +184,31 @@ def _manifest_entry(manifest: Path, entries: dict, name: str) -> tuple[int, str 
                      f"{{\"bytes\": SIZE, \"sha256\": HEX}}")
 
 
-def _check_manifest(path: Path) -> None:
-    """ValueError naming the file unless the binary files have the sizes and content hashes
-    manifest.json lists (checkpoints without a manifest predate it: nothing to compare)."""
+def _read_manifest(path: Path) -> dict | None:
+    """manifest.json's entries; None for checkpoints from before manifests (nothing to compare)."""
     manifest = path / MANIFEST
     if not manifest.is_file():
-        return
+        return None
     try:
         entries = json.loads(manifest.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{manifest} is corrupt: {err}") from None
     if not isinstance(entries, dict):
         raise ValueError(f"{manifest} is corrupt: it holds a {type(entries).__name__}, expected a JSON object")
-    for name in HASHED:
-        size, digest = _manifest_entry(manifest, entries, name)
+    return entries
+
+
+def _check_manifest(path: Path, entries: dict, names: list[str]) -> None:
+    """ValueError naming the file unless the files ``names`` have the sizes and content hashes the
+    manifest's ``entries`` list."""
+    for name in names:
+        size, digest = _manifest_entry(path / MANIFEST, entries, name)
         found = (path / name).stat().st_size
         if found != size:
             raise ValueError(f"{path / name} is corrupt: {found} bytes, the manifest says {size}")
         if digest is not None and _sha256(path / name) != digest:
             raise ValueError(f"{path / name} is corrupt: its content hash (sha256) differs from the one "
-                             f"{manifest} records (same size, other bytes)")
+                             f"{path / MANIFEST} records (same size, other bytes)")
 
 
 def check_trainer_state(state, where: Path) -> None:
@@ -238,9 +260,15 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer,
     if env.is_main:
         state = {**trainer_state, "step": step, "optimizer": optim, "scheduler": scheduler.state_dict(), "rng": rngs}
         check_trainer_state(state, final / TRAINER)  # what verify_checkpoint will ask of it
-        _check_space(root, [weights, state])
+        bridge = env.unwrap(model).bridge
+        bridge_state = ({k[len(BRIDGE_PREFIX):]: weights.pop(k) for k in list(weights) if k.startswith(BRIDGE_PREFIX)}
+                        if isinstance(bridge, MultiScaleResampler) else {})
+        _check_space(root, [weights, bridge_state, state])
 
         def write(tmp: Path) -> None:
+            if bridge_state:  # weights as trained: a NaN stop never saves non-finite ones
+                resampler = MultiScaleResampler.from_state_dict(bridge.config, bridge_state, allow_nonfinite=True)
+                resampler.save_pretrained(tmp / BRIDGE)
             save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / WEIGHTS))
             torch.save(state, tmp / TRAINER)
             (tmp / CONFIG).write_text(json.dumps(configs, indent=2))
@@ -263,16 +291,21 @@ def prune_checkpoints(checkpoints: list[Path], keep: int) -> list[Path]:
 def verify_checkpoint(path: Path) -> None:
     """Raise ValueError naming the broken file unless ``path`` is a complete, intact checkpoint: the
     checks listed in the module docstring."""
-    missing = [name for name in (CONFIG, WEIGHTS, TRAINER) if not (path / name).is_file()]
+    entries = _read_manifest(path)
+    hashed = _hashed_files(path, entries or ())
+    missing = [name for name in (CONFIG, *hashed) if not (path / name).is_file()]
     if missing:
         raise ValueError(f"{path} is not a complete checkpoint: it lacks {missing}")
-    _check_manifest(path)
+    if entries is not None:
+        _check_manifest(path, entries, hashed)
     read_configs(path)
-    try:
-        with safe_open(str(path / WEIGHTS), framework="pt") as f:
-            list(f.keys())
-    except (SafetensorError, OSError) as err:
-        raise ValueError(f"{path / WEIGHTS} is corrupt: {err}") from None
+    for name in hashed:
+        if name.endswith(".safetensors"):
+            try:
+                with safe_open(str(path / name), framework="pt") as f:
+                    list(f.keys())
+            except (SafetensorError, OSError) as err:
+                raise ValueError(f"{path / name} is corrupt: {err}") from None
     read_trainer_state(path)
 
 
@@ -352,19 +385,27 @@ def read_configs(path: Path) -> dict:
 
 
 def load_weights(path: Path, model: nn.Module) -> None:
-    """Load the checkpoint's weights into the model (not yet wrapped; every rank reads the file)."""
-    try:
-        weights = load_file(str(path / WEIGHTS))
-    except (SafetensorError, OSError) as err:
-        raise ValueError(f"{path / WEIGHTS} is corrupt: {err}") from None
+    """Load the checkpoint's weights into the model (not yet wrapped; every rank reads the files):
+    model.safetensors, and bridge/model.safetensors where the checkpoint has one."""
     params = dict(model.named_parameters())
+    for name, prefix in ((WEIGHTS, ""), (BRIDGE_WEIGHTS, BRIDGE_PREFIX)):
+        if name == WEIGHTS or (path / name).is_file():
+            _copy_weights(path / name, prefix, params)
+
+
+def _copy_weights(file: Path, prefix: str, params: dict[str, nn.Parameter]) -> None:
+    """Copy the tensors of the safetensors ``file``, their names given ``prefix``, into ``params``."""
+    try:
+        weights = {prefix + k: v for k, v in load_file(str(file)).items()}
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{file} is corrupt: {err}") from None
     unknown = sorted(set(weights) - set(params))
     if unknown:
-        raise ValueError(f"{path / WEIGHTS} holds tensors this model does not have: {unknown[:5]}")
+        raise ValueError(f"{file} holds tensors this model does not have: {unknown[:5]}")
     with torch.no_grad():
         for name, tensor in weights.items():
             if tensor.shape != params[name].shape:
-                raise ValueError(f"{path / WEIGHTS}: {name} has shape {tuple(tensor.shape)}, the model "
+                raise ValueError(f"{file}: {name} has shape {tuple(tensor.shape)}, the model "
                                  f"{tuple(params[name].shape)}")
             params[name].copy_(tensor)
 
